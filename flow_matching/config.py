@@ -1,0 +1,65 @@
+"""The flow-matching run config: model, data, flow (path and guidance training), samples,
+training and optimiser, as one TOML preset (configs/flow_matching/*.toml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.errors import ConfigError
+from shared.optim import OptimConfig
+from shared.trainer import TrainConfig
+
+from .dit import DiTConfig
+from .sampling import SAMPLERS, TIME_GRIDS
+
+
+@dataclass
+class ImageDataConfig:
+    source: str = "builtin"  # builtin | cifar10 | PATH of an image folder (see shared/images.py)
+    hflip: bool = True  # random horizontal flips of training images
+    eval_images: int = 1000  # held-out images (test split) for the evaluation loss
+
+
+@dataclass
+class FlowConfig:
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0  # logit_normal only
+    logit_std: float = 1.0
+    label_dropout: float = 0.1  # probability of training a sample with the null class
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"flow.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.logit_std <= 0:
+            raise ConfigError("flow.logit_std must be positive")
+
+
+@dataclass
+class SampleConfig:
+    """Class grids drawn during training (every train.sample_every images) with the EMA weights."""
+
+    per_class: int = 8
+    num_steps: int = 50
+    cfg_scale: float = 1.5
+    sampler: str = "euler"
+    time_grid: str = "uniform"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler = {self.sampler!r}: must be one of {list(SAMPLERS)}")
+        if self.time_grid not in TIME_GRIDS:
+            raise ConfigError(f"sample.time_grid = {self.time_grid!r}: must be one of {list(TIME_GRIDS)}")
+        if self.per_class <= 0 or self.num_steps <= 0:
+            raise ConfigError("sample.per_class and sample.num_steps must be positive")
+
+
+@dataclass
+class FlowMatchingRunConfig:
+    model: DiTConfig = field(default_factory=DiTConfig)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)

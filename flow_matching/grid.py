@@ -1,0 +1,34 @@
+"""A labelled class grid: one row per class, the class name written to the left of its row."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared.images import image_grid
+
+PAD = 2  # image_grid's border
+
+
+def class_grid(images: torch.Tensor, classes: list[str] | tuple[str, ...], per_class: int) -> torch.Tensor:
+    """uint8 [K * per_class, 3, H, W] (class-major) -> uint8 [3, H', W'] with a name column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(images, nrow=per_class)  # [3, K*(H+PAD)+PAD, per_class*(W+PAD)+PAD]
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(probe.textlength(str(c), font=font) for c in classes)) + 2 * PAD + 4
+    row_h = images.shape[-2] + PAD
+    canvas = Image.new("RGB", (label_w + grid.shape[2], grid.shape[1]), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()), (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, name in enumerate(classes):
+        top, bottom, _, _ = _text_box(draw, str(name), font)
+        y = PAD + k * row_h + (row_h - PAD - (bottom - top)) // 2 - top
+        draw.text((PAD + 2, y), str(name), fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def _text_box(draw, text: str, font) -> tuple[int, int, int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return top, bottom, left, right

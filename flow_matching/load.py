@@ -1,0 +1,37 @@
+"""Rebuild a trained DiT2D from a run folder or checkpoint for sampling and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shared.checkpoint import load_weights, resolve_checkpoint
+from shared.config import from_dict, load_toml
+from shared.errors import UserError
+from shared.run import find_run_dir
+
+from .config import FlowMatchingRunConfig
+from .dit import DiT2D
+
+CLASSES_FILE = "classes.json"
+
+
+def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
+    (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
+
+
+def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+               ) -> tuple[DiT2D, FlowMatchingRunConfig, list[str], Path]:
+    """(model in eval mode, run config, class names, checkpoint folder) for a run or checkpoint path."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = find_run_dir(ckpt)
+    cfg = from_dict(FlowMatchingRunConfig, load_toml(run_dir / "config.toml"))
+    classes_file = run_dir / CLASSES_FILE
+    if not classes_file.is_file():
+        raise UserError(f"{classes_file} is missing: was {run_dir} trained by scripts/train_flow_matching.py?")
+    classes = json.loads(classes_file.read_text())
+    model = DiT2D(cfg.model)
+    load_weights(model, ckpt, ema=ema)
+    return model.to(device).eval().requires_grad_(False), cfg, classes, ckpt

@@ -1,0 +1,58 @@
+"""Sampling from a Decoder: temperature, top-k, top-p, a KV cache, streamed token by token."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .model import Decoder
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, use_cache: bool = True, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield next tokens [B] one step at a time after `prompt` [B, T].
+
+    With the cache, the prompt is run once and each new token costs one position; without it the
+    whole sequence is recomputed every step (the reference the cache is tested against). Stops
+    at max_new_tokens, at the model's context length, or when every row has produced eos_id.
+    """
+    model.eval()
+    budget = min(max_new_tokens, model.max_seq_len - prompt.shape[1])
+    if budget <= 0:
+        return
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget) if use_cache else None
+    seq, step_input = prompt, prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(budget):
+        logits = model(step_input if use_cache else seq, cache)[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        step_input = nxt[:, None]
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                return

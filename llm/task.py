@@ -1,0 +1,60 @@
+"""The language-modelling task for the shared trainer: loss, evaluation and text samples."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shared.metrics import MetricsLogger
+
+from .generate import generate
+from .model import Decoder
+from .tokenizer import TextTokenizer
+
+
+class LanguageModelTask:
+    unit = "tokens"
+
+    def __init__(self, val_rows: torch.Tensor, tokenizer: TextTokenizer, eval_batch_size: int = 16,
+                 sample_prompts: tuple[str, ...] = ("Once upon a time",), sample_tokens: int = 64):
+        self.val_rows, self.tokenizer = val_rows, tokenizer
+        self.eval_batch_size, self.sample_prompts, self.sample_tokens = eval_batch_size, sample_prompts, sample_tokens
+
+    def loss(self, model: Decoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model: Decoder) -> dict[str, float]:
+        """Mean loss, next-token accuracy and perplexity over the fixed validation rows."""
+        device = next(model.parameters()).device
+        loss_sum, correct, count = 0.0, 0, 0
+        for i in range(0, len(self.val_rows), self.eval_batch_size):
+            rows = self.val_rows[i:i + self.eval_batch_size].to(device)
+            x, y = rows[:, :-1], rows[:, 1:]
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += y.numel()
+        loss = loss_sum / count
+        return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def sample(self, model: Decoder, step: int, run_dir: Path, logger: MetricsLogger) -> None:
+        device = next(model.parameters()).device
+        g = torch.Generator(device=device).manual_seed(0)
+        texts = []
+        for prompt in self.sample_prompts:
+            ids = torch.tensor([self.tokenizer.encode(prompt)], device=device)
+            out = [int(t) for t in generate(model, ids, self.sample_tokens, temperature=0.8, top_k=50,
+                                            eos_id=self.tokenizer.eos_id, generator=g)]
+            texts.append(prompt + self.tokenizer.decode(out))
+        text = "\n\n---\n\n".join(texts)
+        out_dir = run_dir / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"step_{step:06d}.txt").write_text(text + "\n")
+        logger.add_text("samples", text, step)

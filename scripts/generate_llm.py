@@ -1,0 +1,73 @@
+"""Generate text from a trained Blueberry run, streaming tokens as they are sampled.
+
+    python scripts/generate_llm.py --checkpoint runs/debug --prompt "Once upon a time"
+    python scripts/generate_llm.py --checkpoint runs/debug --temperature 0 --max_new_tokens 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from llm.config import LLMRunConfig
+from llm.generate import generate
+from llm.model import Decoder
+from llm.tokenizer import load_tokenizer
+from shared.checkpoint import load_weights, resolve_checkpoint
+from shared.config import from_dict, load_toml
+from shared.errors import UserError, run_main
+from shared.run import find_run_dir
+from shared.trainer import pick_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 = off")
+    p.add_argument("--top_p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step (slow; for checking)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
+        raise UserError("need 0 < top_p <= 1, temperature >= 0, max_new_tokens >= 1 and num_samples >= 1")
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    run_dir = find_run_dir(ckpt)
+    cfg = from_dict(LLMRunConfig, load_toml(run_dir / "config.toml"))
+    tok = load_tokenizer(str(run_dir / "tokenizer.json"))
+    device = pick_device(args.device)
+    model = Decoder(cfg.model, cfg.data.seq_len)
+    load_weights(model, ckpt)
+    model.to(device).eval()
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt is empty after tokenisation")
+    if len(ids) >= cfg.data.seq_len:
+        raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.data.seq_len}")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"# {ckpt} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})", file=sys.stderr)
+    for n in range(args.num_samples):
+        prompt = torch.tensor([ids], device=device)
+        sys.stdout.write(args.prompt)
+        produced: list[int] = []
+        printed = ""
+        for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          use_cache=not args.no_cache, eos_id=tok.eos_id, generator=g):
+            produced.append(int(t))
+            text = tok.decode(produced)  # decode the whole tail: a byte-level token may be half a character
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)

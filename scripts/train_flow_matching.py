@@ -1,0 +1,79 @@
+"""Train a class-conditional flow-matching DiT on 32x32 images.
+
+    python scripts/train_flow_matching.py --config configs/flow_matching/debug.toml
+    python scripts/train_flow_matching.py --config configs/flow_matching/dit-s.toml --data cifar10
+    python scripts/train_flow_matching.py --config configs/flow_matching/dit-s.toml --data ../shared/data/cifar10-jpeg
+    python scripts/train_flow_matching.py --experiment_name dit-s --resume        # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from flow_matching.config import FlowMatchingRunConfig
+from flow_matching.dit import DiT2D
+from flow_matching.load import save_classes
+from flow_matching.task import FlowMatchingTask
+from shared.errors import UserError, run_main
+from shared.images import ImageBatches, ImageSet, load_images
+from shared.run import add_common_args, report, resolve_run, save_config
+from shared.trainer import Trainer, count_params
+
+
+def eval_subset(data: ImageSet, n: int) -> ImageSet:
+    """A fixed random subset (folders are sorted by class, so the first n would be one class)."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]
+    return ImageSet(data.images[idx], data.labels[idx], data.classes, data.description)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--train_images", type=int, help="image budget (overrides train.budget), e.g. 5000000")
+    args = p.parse_args()
+    cfg, run_dir, resume = resolve_run(args, FlowMatchingRunConfig, {
+        "data.source": args.data, "train.budget": args.train_images})
+
+    train = load_images(cfg.data.source, "train")
+    test = load_images(cfg.data.source, "test")
+    print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
+    if test.classes != train.classes:
+        raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
+    size = train.images.shape[-1]
+    if train.images.shape[-2:] != (cfg.model.image_size, cfg.model.image_size) or train.images.shape[1] != cfg.model.channels:
+        raise UserError(f"images are {tuple(train.images.shape[1:])} but the model expects "
+                        f"({cfg.model.channels}, {cfg.model.image_size}, {cfg.model.image_size}); size {size} needs model.image_size={size}")
+    if cfg.model.num_classes not in (0, len(train.classes)):
+        raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
+    cfg.model.num_classes = len(train.classes)
+
+    torch.manual_seed(cfg.train.seed)
+    model = DiT2D(cfg.model)
+    print(f"model: DiT2D {count_params(model) / 1e6:.1f}M parameters (hidden {cfg.model.hidden}, depth {cfg.model.depth}, "
+          f"{cfg.model.n_heads} heads, patch {cfg.model.patch}: {model.grid ** 2} tokens, {cfg.model.num_classes} classes + null)")
+    save_config(cfg, run_dir)
+    save_classes(train.classes, run_dir)
+
+    data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
+    task = FlowMatchingTask(cfg.flow, cfg.sample, eval_subset(test, cfg.data.eval_images), train.classes,
+                            eval_batch_size=cfg.train.batch_size)
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES})
+    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images on {trainer.device} "
+          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
+          f"time sampling {cfg.flow.time_sampling}, label dropout {cfg.flow.label_dropout}, "
+          f"EMA {cfg.train.ema_decay or 'off'}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    summary = trainer.fit(resume)
+    samples = sorted((run_dir / "samples").glob("*.png"))
+    report({**summary, "run_dir": run_dir / "summary.json"}, [
+        ("eval loss" + (" (EMA)" if cfg.train.ema_decay else ""), f"{summary['final_eval']['loss']:.4f}"),
+        ("training time", f"{summary['train_time_s']:.1f} s" + (f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)" if cfg.train.compile else "")),
+        ("images/s", f"{summary['images_per_s']:,.0f}"),
+        ("images seen", f"{summary['images']:,}"),
+        ("class grid", str(samples[-1]) if samples else "none"),
+    ])
+
+
+if __name__ == "__main__":
+    run_main(main)

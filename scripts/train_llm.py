@@ -1,0 +1,78 @@
+"""Train a Blueberry text LLM.
+
+    python scripts/train_llm.py --config configs/llm/debug.toml
+    python scripts/train_llm.py --config configs/llm/blueberry-88m.toml --train_tokens 20_000_000
+    python scripts/train_llm.py --experiment_name debug --resume          # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from llm.config import LLMRunConfig, padded_vocab
+from llm.data import PackedBatches, prepare_data, validation_rows
+from llm.model import Decoder
+from llm.task import LanguageModelTask
+from shared.errors import run_main
+from shared.run import add_common_args, report, resolve_run, save_config
+from shared.trainer import Trainer, count_params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--train_tokens", type=int, help="token budget (overrides train.budget), e.g. 20000000")
+    p.add_argument("--tokenizer", help="Hub name, tokenizer.json, vocab.json+merges.txt folder, or bpe:N")
+    args = p.parse_args()
+    cfg, run_dir, resume = resolve_run(args, LLMRunConfig, {
+        "data.source": args.data, "data.tokenizer": args.tokenizer, "train.budget": args.train_tokens})
+    if cfg.data.source.startswith("hf:") and cfg.data.max_tokens == 0:
+        cfg.data.max_tokens = int(cfg.train.budget * 1.05)  # stream what the budget needs, not the whole corpus
+
+    cache = prepare_data(cfg.data)
+    tok = cache.tokenizer
+    print(f"data: {cache.description}")
+    print(f"tokens: {cache.meta['train_tokens']:,} train / {cache.meta['val_tokens']:,} validation "
+          f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents)")
+    cfg.model.vocab_size = padded_vocab(tok.vocab_size)
+    print(f"tokenizer: {tok.spec} ({tok.vocab_size:,} tokens, model vocabulary {cfg.model.vocab_size:,})")
+    epochs = cfg.train.budget / max(1, cache.meta["train_tokens"])
+    if epochs > 1:
+        print(f"note: the budget is {epochs:.1f} passes over the training tokens")
+
+    torch.manual_seed(cfg.train.seed)
+    model = Decoder(cfg.model, cfg.data.seq_len)
+    print(f"model: {count_params(model) / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, width {cfg.model.d_model}, "
+          f"{cfg.model.n_heads}/{cfg.model.n_kv_heads} query/KV heads, {cfg.model.mlp} MLP, "
+          f"{'tied' if cfg.model.tie_embeddings else 'untied'} embeddings)")
+    save_config(cfg, run_dir)
+    tok.save(run_dir / "tokenizer.json")
+
+    data = PackedBatches(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    val = validation_rows(cache.tokens("val"), cfg.data.seq_len, cfg.data.val_tokens)
+    task = LanguageModelTask(val, tok, eval_batch_size=cfg.train.batch_size, sample_prompts=cfg.sample.prompts,
+                             sample_tokens=cfg.sample.max_new_tokens)
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
+    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} tokens on {trainer.device} "
+          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
+          f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    summary = trainer.fit(resume)
+    ev = summary["final_eval"]
+    report({**summary, "run_dir": run_dir / "summary.json"}, [
+        ("validation loss", f"{ev['loss']:.4f}"),
+        ("validation accuracy", f"{ev['accuracy']:.4f}"),
+        ("validation perplexity", f"{ev['perplexity']:.2f}"),
+        ("training time", f"{summary['train_time_s']:.1f} s" + (f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)" if cfg.train.compile else "")),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("tokens seen", f"{summary['tokens']:,}"),
+    ])
+    latest = sorted((run_dir / "samples").glob("*.txt"))
+    if latest:
+        print("\nsample:\n" + latest[-1].read_text().strip())
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,70 @@
+"""Train a VQ-VAE image tokenizer.
+
+    python scripts/train_vqvae.py --config configs/vqvae/debug.toml
+    python scripts/train_vqvae.py --config configs/vqvae/cifar10.toml --data cifar10
+    python scripts/train_vqvae.py --config configs/vqvae/cifar10.toml --data ../shared/data/cifar10-jpeg --train_images 200000
+    python scripts/train_vqvae.py --experiment_name cifar10 --resume      # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from shared.errors import UserError, run_main
+from shared.images import ImageBatches, load_images
+from shared.run import add_common_args, report, resolve_run, save_config
+from shared.trainer import Trainer, count_params
+from vqvae.config import VQVAERunConfig
+from vqvae.model import VQVAE
+from vqvae.task import VQVAETask
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--train_images", type=int, help="image budget (overrides train.budget), e.g. 1000000")
+    args = p.parse_args()
+    cfg, run_dir, resume = resolve_run(args, VQVAERunConfig, {"data.source": args.data, "train.budget": args.train_images})
+
+    train = load_images(cfg.data.source, "train")
+    test = load_images(cfg.data.source, "test")
+    s = cfg.model.image_size
+    if tuple(train.images.shape[1:]) != (3, s, s):
+        raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "
+                        f"model.image_size = {s} expects [3, {s}, {s}]")
+    eval_images = test.images[:cfg.data.eval_images] if cfg.data.eval_images else test.images
+    print(f"data: {train.description}; evaluating on {len(eval_images):,} images of the {test.description}")
+
+    torch.manual_seed(cfg.train.seed)
+    model = VQVAE(cfg.model)
+    h, w = model.grid_shape
+    print(f"model: {count_params(model) / 1e6:.2f}M parameters, {s}x{s} images -> {h}x{w} = {h * w} tokens from "
+          f"{cfg.model.codebook_size:,} codes of dimension {cfg.model.code_dim} "
+          f"({cfg.model.codebook_update} codebook, {cfg.model.gradient} gradients{', l2-normalised' if cfg.model.l2_codes else ''})")
+    save_config(cfg, run_dir)
+
+    data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
+    task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256))
+    # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
+    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images on {trainer.device} "
+          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
+          f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    summary = trainer.fit(resume)
+    ev = summary["final_eval"]
+    report({**summary, "run_dir": run_dir / "summary.json"}, [
+        ("reconstruction mse", f"{ev['mse']:.5f} (pixels in [0, 1])"),
+        ("psnr", f"{ev['psnr']:.2f} dB"),
+        ("codebook usage", f"{ev['codes_used']:,} / {cfg.model.codebook_size:,} codes ({ev['codebook_usage']:.1%}), "
+                           f"perplexity {ev['perplexity']:.1f}"),
+        ("tokens per image", f"{ev['tokens_per_image']} ({h}x{w})"),
+        ("training time", f"{summary['train_time_s']:.1f} s"),
+        ("images/s", f"{summary['images_per_s']:,.0f}"),
+        ("samples", str(run_dir / "samples")),
+    ])
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,216 @@
+"""Transformer building blocks shared by every package.
+
+RMSNorm, rotary embeddings (1-D for text, 2-D for image grids), grouped-query attention with
+optional QK-norm and a KV cache, SwiGLU / squared-ReLU MLPs, and a pre-norm block that can take
+adaLN modulation (used by the DiT). Nothing here knows about text or images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RMSNorm = nn.RMSNorm  # torch's own fused implementation; eps defaults to the dtype's epsilon
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10_000.0) -> torch.Tensor:
+    """Rotation angles [len(positions), dim // 2] for integer or fractional positions."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return (positions.to(torch.float64)[:, None] * inv_freq[None, :]).float()
+
+
+def rope_1d(seq_len: int, head_dim: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [seq_len, head_dim // 2] for text positions 0..seq_len-1."""
+    angles = rope_angles(torch.arange(seq_len), head_dim, theta)
+    return angles.cos(), angles.sin()
+
+
+def rope_2d(height: int, width: int, head_dim: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [height * width, head_dim // 2] for a row-major grid.
+
+    Half of the rotated pairs encode the row, half the column, so attention between two cells
+    depends only on their (row, column) offset.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    a_row = rope_angles(rows.flatten(), head_dim // 2, theta)
+    a_col = rope_angles(cols.flatten(), head_dim // 2, theta)
+    angles = torch.cat([a_row, a_col], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by tables [T, D/2] (half-split layout: pairs are (i, i + D/2))."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos.to(x.device), sin.to(x.device)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer of one decoder, for incremental decoding."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # tokens already stored; advanced by the model after all layers ran
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {t} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query KV heads, optional QK-norm and RoPE."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, qk_norm: bool = True,
+                 causal: bool = True, bias: bool = False):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide the width ({dim})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.causal = causal
+        self.q = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.k = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.v = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.o = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may have been allocated outside autocast
+        mask, is_causal = None, False
+        if self.causal:
+            if start == 0:
+                is_causal = True  # queries and keys are aligned: the plain lower triangle
+            elif t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# MLPs and the block
+# --------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ReLU2MLP(nn.Module):
+    """Squared-ReLU MLP (Primer; used by modded-nanogpt and nanochat)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReLU2MLP}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: per-sample shift and scale [B, D] applied to every token of x [B, T, D]."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `modulation` [B, 6, D] (shift, scale, gate for attention, then for the MLP) it is an
+    adaLN block as in DiT; the caller owns the conditioning network that produces it.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, mlp: str = "swiglu",
+                 mlp_hidden: int | None = None, qk_norm: bool = True, causal: bool = True,
+                 norm_affine: bool = True):
+        super().__init__()
+        if mlp not in MLPS:
+            raise ValueError(f"unknown mlp {mlp!r}; choose one of {sorted(MLPS)}")
+        self.norm1 = RMSNorm(dim, elementwise_affine=norm_affine)
+        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm=qk_norm, causal=causal)
+        self.norm2 = RMSNorm(dim, elementwise_affine=norm_affine)
+        self.mlp = MLPS[mlp](dim, mlp_hidden or 4 * dim)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        if modulation is None:
+            x = x + self.attn(self.norm1(x), rope, cache, layer)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.unbind(1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, cache, layer)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def init_weights(module: nn.Module, std: float = 0.02, zero_init_out: bool = True) -> None:
+    """Normal(0, std) for linear and embedding weights, zero biases; with `zero_init_out` the
+    projections that write into the residual stream start at zero, so every block starts as the
+    identity (as in modded-nanogpt and nanochat)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    if zero_init_out:
+        for m in module.modules():
+            if isinstance(m, Attention):
+                nn.init.zeros_(m.o.weight)
+            elif isinstance(m, (SwiGLU, ReLU2MLP)):
+                nn.init.zeros_(m.down.weight)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of scalar inputs t [B] (timesteps, for example)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))

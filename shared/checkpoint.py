@@ -1,0 +1,115 @@
+"""Checkpoints: weights as safetensors, trainer state beside them, written atomically.
+
+Layout under a run's `checkpoints/`:
+
+    step_000100/model.safetensors   weights (and ema.safetensors when EMA is on)
+    step_000100/state.pt            optimisers, schedule position, RNG, data position, counters
+    latest                          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder that is renamed into place when complete, and
+`latest` is replaced atomically afterwards, so a crash mid-write never leaves a half checkpoint
+as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+
+MODEL_FILE, EMA_FILE, STATE_FILE, LATEST = "model.safetensors", "ema.safetensors", "state.pt", "latest"
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage (tied embeddings): store each distinct tensor once
+    out, seen = {}, {}
+    for name, t in module.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype, t.device)
+        if t.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict,
+                    ema_model: nn.Module | None = None, keep: int = 2) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:06d}"
+    tmp = ckpt_dir / f".step_{step:06d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_tensors(model), tmp / MODEL_FILE, metadata={"step": str(step)})
+    if ema_model is not None:
+        save_file(_tensors(ema_model), tmp / EMA_FILE, metadata={"step": str(step)})
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(ckpt_dir / LATEST, lambda p: p.write_text(final.name + "\n"))
+    old = sorted(d for d in ckpt_dir.glob("step_*") if d.is_dir() and d != final)
+    for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, a `checkpoints/` folder or a step folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / LATEST).is_file():
+            name = (candidate / LATEST).read_text().strip()
+            if not (candidate / name).is_dir():
+                raise UserError(f"{candidate / LATEST} names {name!r}, which does not exist")
+            return candidate / name
+    if (path / MODEL_FILE).is_file():
+        return path
+    raise UserError(f"no checkpoint in {path} (expected {LATEST} or {MODEL_FILE})")
+
+
+def load_weights(module: nn.Module, ckpt: Path, ema: bool = False) -> None:
+    """Load `model.safetensors` (or the EMA weights) from a checkpoint folder into module."""
+    file = ckpt / (EMA_FILE if ema else MODEL_FILE)
+    if not file.is_file():
+        raise UserError(f"{file} is missing" + (" (was the run trained without EMA?)" if ema else ""))
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {file} is corrupt or unreadable: {e}") from None
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    # tied weights were stored once; anything else missing means the wrong model
+    expected_missing = {n for n in missing if _is_tied_alias(module, n, tensors)}
+    missing = [n for n in missing if n not in expected_missing]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {file} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _is_tied_alias(module: nn.Module, name: str, stored: dict) -> bool:
+    state = module.state_dict()
+    ptr = state[name].data_ptr()
+    return any(state[other].data_ptr() == ptr for other in stored if other in state)
+
+
+def load_state(ckpt: Path) -> dict:
+    file = ckpt / STATE_FILE
+    if not file.is_file():
+        raise UserError(f"{file} is missing: this checkpoint holds weights only and cannot resume training")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a damaged pickle/zip
+        raise UserError(f"trainer state {file} is corrupt or unreadable: {type(e).__name__}: {e}") from None

@@ -1,0 +1,223 @@
+"""Image data for every image package: one place that turns a data spec into uint8 tensors.
+
+Data specs (`--data`):
+  builtin      a small class-labelled set of 32x32 shapes generated here (offline, no third-party data)
+  cifar10      CIFAR-10 through torchvision (downloads once into $BLUEBERRY_CACHE/cifar10)
+  PATH         an image folder: PATH/<split>/<class>/*.jpg|png (or PATH/<class>/... for one split)
+
+Images are decoded once and kept as a uint8 tensor [N, 3, H, W] (decoded folders are cached on
+disk), so a GPU trainer indexes memory instead of decoding files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+BUILTIN_CLASSES = ("disc", "square", "ring", "cross", "h-stripes", "v-stripes", "checker", "triangle", "gradient", "dots")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+OFFLINE_OPTIONS = "use --data builtin (generated offline set) or --data PATH (an image folder such as <root>/cifar10-jpeg)"
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: tuple[str, ...]
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("BLUEBERRY_CACHE", ".cache/blueberry"))
+
+
+# ------------------------------------------------------------------------------- built-in set
+
+
+def generate_shapes(n_per_class: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten classes of coloured shapes on coloured backgrounds with random position, scale and noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_class * len(BUILTIN_CLASSES)
+    labels = torch.arange(len(BUILTIN_CLASSES)).repeat_interleave(n_per_class)
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    cy = size / 2 + (torch.rand(n, 1, 1, generator=g) - 0.5) * size * 0.3
+    cx = size / 2 + (torch.rand(n, 1, 1, generator=g) - 0.5) * size * 0.3
+    r = size * (0.18 + 0.14 * torch.rand(n, 1, 1, generator=g))
+    dy, dx = ys - cy, xs - cx
+    dist = (dy**2 + dx**2).sqrt()
+    period = 3 + torch.randint(0, 4, (n, 1, 1), generator=g).float()
+    masks = {
+        0: dist < r,
+        1: (dy.abs() < r) & (dx.abs() < r),
+        2: (dist < r) & (dist > r * 0.6),
+        3: ((dy.abs() < r * 0.3) & (dx.abs() < r)) | ((dx.abs() < r * 0.3) & (dy.abs() < r)),
+        4: (ys / period).floor().remainder(2) == 0,
+        5: (xs / period).floor().remainder(2) == 0,
+        6: ((ys / period).floor() + (xs / period).floor()).remainder(2) == 0,
+        7: (dy < r) & (dy > -r) & (dx.abs() < (dy + r) / 2),
+        8: None,  # gradient: handled below
+        9: ((dy.remainder(period * 2) < period) & (dx.remainder(period * 2) < period)) & (dist < r * 1.4),
+    }
+    fg = torch.rand(n, 3, 1, 1, generator=g)
+    bg = torch.rand(n, 3, 1, 1, generator=g)
+    bg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 0.6, 1 - fg, bg)  # keep the shape visible
+    out = torch.empty(n, 3, size, size)
+    for k, mask in masks.items():
+        idx = labels == k
+        if k == 8:
+            t = ((xs + ys) / (2 * size - 2)).expand(int(idx.sum()), size, size)[:, None]
+            out[idx] = bg[idx] * (1 - t) + fg[idx] * t
+        else:
+            m = mask[idx][:, None].float() if mask.shape[0] == n else mask.expand(int(idx.sum()), size, size)[:, None].float()
+            out[idx] = fg[idx] * m + bg[idx] * (1 - m)
+    out = out + 0.04 * torch.randn(out.shape, generator=g)
+    perm = torch.randperm(n, generator=g)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8)[perm], labels[perm]
+
+
+def _builtin(split: str) -> ImageSet:
+    n, seed = (500, 0) if split == "train" else (100, 1)
+    images, labels = generate_shapes(n, seed)
+    return ImageSet(images, labels, BUILTIN_CLASSES, f"built-in generated shapes, {split} split ({len(labels)} images)")
+
+
+# ------------------------------------------------------------------------------- folders
+
+
+def _folder(root: Path, split: str) -> ImageSet:
+    base = root / split if (root / split).is_dir() else root
+    if base is root and any((root / s).is_dir() for s in ("train", "test")):
+        raise UserError(f"{root} has no {split!r} split folder")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {base} (expected {base}/<class>/*.jpg)")
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((base / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(f"no images under {base}")
+    key = hashlib.sha256(f"{base.resolve()}|{len(files)}|{files[0][0].stat().st_mtime}".encode()).hexdigest()[:12]
+    cache = _cache_root() / "images" / f"{base.name}-{key}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        images, labels = saved["images"], saved["labels"]
+    else:
+        from PIL import Image
+
+        print(f"decoding {len(files):,} images from {base} (once; cached in {cache}) ...", flush=True)
+        arrays = []
+        for f, _ in files:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise UserError(f"images under {base} have different sizes ({sorted(shapes)[:3]}...); resize them first")
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor([i for _, i in files])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "labels": labels}, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    return ImageSet(images, labels, tuple(classes), f"image folder {base} ({len(labels):,} images, {len(classes)} classes)")
+
+
+def _cifar10(split: str) -> ImageSet:
+    import torchvision
+
+    root = _cache_root() / "cifar10"
+    try:
+        ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
+    except Exception as e:  # urllib raises several types when offline
+        raise UserError(f"could not download CIFAR-10 ({type(e).__name__}); offline? {OFFLINE_OPTIONS}") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(ds.targets), tuple(ds.classes), f"CIFAR-10 (torchvision), {split} split ({len(images):,} images)")
+
+
+def load_images(spec: str, split: str = "train") -> ImageSet:
+    if split not in ("train", "test"):
+        raise UserError(f"split must be train or test, got {split!r}")
+    if spec == "builtin":
+        return _builtin(split)
+    if spec == "cifar10":
+        return _cifar10(split)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UserError(f"image data not found: {spec!r} is not builtin, cifar10 or a folder; {OFFLINE_OPTIONS}")
+    return _folder(path, split)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageBatches:
+    """Random batches (images in [-1, 1], labels) epoch by epoch, optionally flipped left-right.
+
+    The order and the flips are a pure function of (seed, epoch, cursor), so a checkpoint only
+    needs (epoch, cursor) to continue exactly.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, hflip: bool = False):
+        if len(data) < batch_size:
+            raise UserError(f"{len(data)} images is fewer than one batch of {batch_size}")
+        self.data, self.batch_size, self.seed, self.hflip = data, batch_size, seed, hflip
+        self.units_per_batch = batch_size
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor + self.batch_size > len(self.data):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.cursor:self.cursor + self.batch_size]
+        images = self.data.images[idx]
+        if self.hflip:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.cursor)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        self.cursor += self.batch_size
+        return to_float(images), self.data.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "n": len(self.data), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != len(self.data) or state["seed"] != self.seed:
+            raise UserError("the checkpoint's data position does not fit this data (different data or seed)")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation(self.epoch)
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> one uint8 grid [3, H', W'] with a 2-pixel border."""
+    import torchvision
+
+    return torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)
+
+
+def save_png(image_chw: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_chw.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def grid_shape(n: int) -> int:
+    return max(1, int(math.ceil(math.sqrt(n))))

@@ -1,0 +1,106 @@
+"""The Muon + AdamW split and learning-rate schedules.
+
+Muon (shared/muon.py: Nesterov momentum, Newton-Schulz orthogonalisation, shape-aware step size,
+decoupled weight decay) trains the hidden 2-D weight matrices; AdamW trains everything else:
+embeddings, output heads, norms, gains, biases, and anything not 2-D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .muon import Muon
+
+
+@dataclass
+class OptimConfig:
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    adam_lr: float = 3e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    schedule: Literal["constant", "cosine", "wsd"] = "wsd"
+    warmup_steps: int = 0
+    cooldown_frac: float = 0.2  # wsd: final fraction of steps that decays to min_lr_ratio
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.warmup_steps < 0 or self.muon_lr <= 0 or self.adam_lr <= 0:
+            raise ConfigError("optim: learning rates must be positive and warmup_steps non-negative")
+
+
+def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (nn.Embedding,),
+                 adam_names: tuple[str, ...] = ("lm_head", "head")) -> tuple[list, list]:
+    """(muon, adam) parameter lists; every trainable parameter lands in exactly one.
+
+    A 2-D weight goes to Muon unless it belongs to an embedding (any module of `adam_modules`)
+    or to a module whose name ends with one of `adam_names` (output heads). Tied weights are
+    seen once, through the module that registered them first.
+    """
+    muon, adam, seen = [], [], set()
+    for mod_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_head = mod_name.split(".")[-1] in adam_names
+            if p.ndim == 2 and not isinstance(module, adam_modules) and not is_head:
+                muon.append(p)
+            else:
+                adam.append(p)
+    return muon, adam
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list[torch.optim.Optimizer]:
+    muon_params, adam_params = split_params(model, **split_kwargs)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    opts: list[torch.optim.Optimizer] = []
+    if muon_params:
+        opts.append(Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                         weight_decay=cfg.muon_weight_decay))
+    if adam_params:
+        opts.append(torch.optim.AdamW(adam_params, lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.adam_weight_decay, eps=1e-10, **fused))
+    for opt in opts:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return opts
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier on the base learning rate for optimiser step `step` (0-based).
+
+    Warmup is linear and reaches (step + 1) / warmup_steps, so the first step never runs at 0.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # wsd: hold, then decay linearly over the last cooldown_frac of all steps
+    cooldown = int(round(cfg.cooldown_frac * total_steps))
+    start = total_steps - cooldown
+    if cooldown == 0 or step < start:
+        return 1.0
+    return floor + (1 - floor) * max(0.0, (total_steps - step) / cooldown)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier

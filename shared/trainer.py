@@ -1,0 +1,329 @@
+"""One training loop for every package.
+
+The loop knows nothing of text or images. A package hands it a model, a `Task` (loss,
+evaluation, samples) and a `BatchSource` (batches plus a resumable position), and the loop does
+the rest: bf16 autocast over fp32 weights, gradient accumulation and clipping, Muon + AdamW with a
+schedule, optional torch.compile (warm-up timed separately), EMA, evaluation and samples at unit
+milestones, checkpoints with exact resume, metrics, a progress bar and a summary at the end.
+
+Lengths are counted in the task's unit (tokens for text, images for images): `budget`,
+`eval_every`, `sample_every` and `ckpt_every` are all in that unit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import load_state, load_weights, save_checkpoint
+from .ema import EMA
+from .errors import ConfigError, UserError
+from .metrics import MetricsLogger, plot_loss_curve
+from .optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    budget: int = 1_000_000  # training length in the task's unit
+    batch_size: int = 16  # per micro-batch
+    grad_accum: int = 1
+    eval_every: int = 0  # units between evaluations; 0 = at the end only
+    sample_every: int = 0  # units between sample hooks; 0 = at the end only
+    ckpt_every: int = 0  # units between checkpoints; 0 = at the end only
+    keep_checkpoints: int = 2
+    log_every: int = 10  # optimiser steps between training-loss records
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 turns EMA off
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("budget", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class BatchSource(Protocol):
+    """An endless, deterministic stream of batches whose position can be saved and restored."""
+
+    units_per_batch: int
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Task(Protocol):
+    unit: str  # "tokens", "images"
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def sample(self, model: nn.Module, step: int, run_dir: Path, logger: MetricsLogger) -> None: ...
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast on GPUs that support it; on a CPU only when asked (measured here: fp32 is
+    faster on CPUs without native bf16 matmuls)."""
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise UserError("precision bf16 requested but this GPU has no bf16 support")
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def hardware_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, data: BatchSource, cfg: TrainConfig, optim: OptimConfig,
+                 run_dir: Path, split_kwargs: dict | None = None, quiet: bool = False):
+        self.cfg, self.optim_cfg, self.task, self.data = cfg, optim, task, data
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.optimizers = build_optimizers(self.model, optim, **(split_kwargs or {}))
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.units_per_step = data.units_per_batch * cfg.grad_accum
+        self.total_steps = math.ceil(cfg.budget / self.units_per_step)
+        self.step, self.train_time, self.compile_time, self.timed_units = 0, 0.0, 0.0, 0
+        self.quiet = quiet
+        self.stop_requested = False  # set by Ctrl-C: stop at the next step boundary and checkpoint
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> dict:
+        state = {"step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
+                 "timed_units": self.timed_units,
+                 "optimizers": [o.state_dict() for o in self.optimizers], "data": self.data.state_dict(),
+                 "rng_cpu": torch.get_rng_state(), "total_steps": self.total_steps}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self._state(),
+                               self.ema.shadow if self.ema else None, keep=self.cfg.keep_checkpoints)
+
+    def _restore(self, ckpt: Path) -> None:
+        state = load_state(ckpt)
+        load_weights(self.model, ckpt)
+        if self.ema is not None:
+            load_weights(self.ema.shadow, ckpt, ema=True)
+            self.ema.load_state_dict(state["ema"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise UserError(f"checkpoint {ckpt} has {len(state['optimizers'])} optimisers, this run builds {len(self.optimizers)}")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            base = [g["base_lr"] for g in opt.param_groups]
+            opt.load_state_dict(s)
+            for group, b in zip(opt.param_groups, base):
+                group["base_lr"] = b
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.step, self.train_time, self.compile_time = state["step"], state["train_time"], state["compile_time"]
+        self.timed_units = state["timed_units"]
+
+    # ---------------------------------------------------------------- loop
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        set_lr(self.optimizers, lr_multiplier(self.step, self.total_steps, self.optim_cfg))
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.grad_accum):
+            batch = to_device(self.data.next_batch(), self.device)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss = self.task.loss(self.forward_model, batch)
+            (loss / self.cfg.grad_accum).backward()
+            total += loss.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.optim_cfg.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return total / self.cfg.grad_accum, grad_norm
+
+    def _crossed(self, every: int) -> bool:
+        if every <= 0:
+            return False
+        before = (self.step - 1) * self.units_per_step
+        return before // every != (self.step * self.units_per_step) // every
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.shadow if self.ema is not None else self.model
+
+    def _evaluate(self, logger: MetricsLogger) -> dict:
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            metrics = self.task.evaluate(self.eval_model())
+        self.model.train()
+        logger.log(self.step, "eval", units=self.step * self.units_per_step, **metrics)
+        return metrics
+
+    def _sample(self, logger: MetricsLogger) -> None:
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            self.task.sample(self.eval_model(), self.step, self.run_dir, logger)
+        self.model.train()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def fit(self, resume_from: Path | None = None) -> dict:
+        cfg, unit = self.cfg, self.task.unit
+        torch.manual_seed(cfg.seed)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
+        self.model.train()
+        eval_metrics: dict = {}
+        warmup_left = 1 if cfg.compile else 0  # this process's first compiled step pays for compilation
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.quiet, mininterval=1.0)
+        window_units, window_time = 0, 0.0
+        with _stop_on_interrupt(self):
+            while self.step < self.total_steps:
+                if self.stop_requested:
+                    bar.close()
+                    path = self.save()
+                    logger.close()
+                    print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
+                    raise KeyboardInterrupt
+                self._sync()
+                t0 = time.perf_counter()
+                loss, grad_norm = self._train_step()
+                if warmup_left or self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    loss_value = loss.item()  # syncs; only on logging steps
+                    if not math.isfinite(loss_value):
+                        raise UserError(f"training diverged: loss is {loss_value} at step {self.step}")
+                else:
+                    loss_value = None
+                self._sync()
+                dt = time.perf_counter() - t0
+                if warmup_left:
+                    self.compile_time += dt
+                    warmup_left -= 1
+                else:
+                    self.train_time += dt
+                    self.timed_units += self.units_per_step
+                    window_units += self.units_per_step
+                    window_time += dt
+                if loss_value is not None:
+                    rate = window_units / window_time if window_time > 0 else 0.0
+                    logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
+                               grad_norm=grad_norm.item(), lr_mult=lr_multiplier(self.step - 1, self.total_steps, self.optim_cfg),
+                               **{f"{unit}_per_s": rate})
+                    bar.set_postfix({"loss": f"{loss_value:.4f}", f"{unit}/s": f"{rate:,.0f}"})
+                    window_units, window_time = 0, 0.0
+                bar.update(1)
+                last = self.step == self.total_steps
+                if self._crossed(cfg.eval_every) or last:
+                    eval_metrics = self._evaluate(logger)
+                    if not self.quiet:
+                        bar.write(f"step {self.step} ({self.step * self.units_per_step:,} {unit}): "
+                                  + " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+                if self._crossed(cfg.sample_every) or last:
+                    self._sample(logger)
+                if self._crossed(cfg.ckpt_every) or last:
+                    self.save()
+        bar.close()
+        logger.close()
+        return self._finish(eval_metrics)
+
+    def _finish(self, eval_metrics: dict) -> dict:
+        units = self.step * self.units_per_step
+        unit = self.task.unit
+        summary = {
+            "steps": self.step,
+            unit: units,
+            "params": count_params(self.model),
+            "train_time_s": round(self.train_time, 3),
+            "compile_warmup_s": round(self.compile_time, 3),
+            f"{unit}_per_s": round(self.timed_units / self.train_time, 1) if self.train_time > 0 else None,
+            "final_eval": eval_metrics,
+            "precision": str(self.dtype).removeprefix("torch."),
+            "compile": self.cfg.compile,
+            "hardware": hardware_info(self.device),
+        }
+        if self.device.type == "cuda":
+            summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", x_key="units", x_label=unit)
+        return summary
+
+
+class _stop_on_interrupt:
+    """The first Ctrl-C asks the loop to stop cleanly at the next step boundary (a checkpoint
+    taken mid-step could not resume exactly); a second one interrupts at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.previous = trainer, None
+
+    def _handler(self, signum, frame):
+        if self.trainer.stop_requested:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False

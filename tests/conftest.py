@@ -1,0 +1,48 @@
+"""Shared fixtures. Real data comes from $BLUEBERRY_DATA_DIR (or ../shared/data beside the
+checkout when it exists); tests that need it skip cleanly without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _data_dir() -> Path | None:
+    env = os.environ.get("BLUEBERRY_DATA_DIR")
+    candidate = Path(env) if env else ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    d = _data_dir()
+    if d is None:
+        pytest.skip("real data not available (set BLUEBERRY_DATA_DIR)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # every test session gets its own token/image cache, never the user's
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run scripts/<script> as a user would; returns the completed process (never raises)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]

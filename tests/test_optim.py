@@ -1,0 +1,81 @@
+"""The Muon + AdamW split, Muon itself, and the learning-rate schedules."""
+
+import pytest
+import torch
+from torch import nn
+
+from llm.model import Decoder, DecoderConfig
+from shared.muon import Muon, orthogonalize
+from shared.optim import OptimConfig, build_optimizers, lr_multiplier, split_params
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_parameter_goes_to_exactly_one_optimiser(tied):
+    model = Decoder(DecoderConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=64, vocab_size=40,
+                                  tie_embeddings=tied), 16)
+    muon, adam = split_params(model)
+    ids_m, ids_a = {id(p) for p in muon}, {id(p) for p in adam}
+    assert not ids_m & ids_a
+    assert ids_m | ids_a == {id(p) for p in model.parameters()}
+    assert len(muon) + len(adam) == len({id(p) for p in model.parameters()})
+    assert all(p.ndim == 2 for p in muon)
+    assert id(model.tok_emb.weight) in ids_a and id(model.lm_head.weight) in ids_a
+    assert id(model.blocks[0].attn.q.weight) in ids_m and id(model.blocks[1].mlp.down.weight) in ids_m
+    assert id(model.norm.weight) in ids_a and id(model.blocks[0].attn.q_norm.weight) in ids_a
+    opts = build_optimizers(model, OptimConfig())
+    in_opts = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+    assert sorted(in_opts) == sorted(ids_m | ids_a) and len(in_opts) == len(set(in_opts))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 96)])
+def test_orthogonalisation_brings_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    g = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # condition number 100
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.min() > 0.5 and s.max() < 1.5, s
+
+
+def test_muon_step_matches_torch_muon_in_bf16():
+    """Our Muon (fp32 Newton-Schulz on CPUs) is torch.optim.Muon's update; in bf16 they agree."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(48, 32)), nn.Parameter(torch.randn(32, 48)), nn.Parameter(torch.randn(48, 32))]
+    start = [p.detach().clone() for p in params]
+    ours = [nn.Parameter(p.detach().clone()) for p in params]
+    ref_opt = torch.optim.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, adjust_lr_fn="original")
+    our_opt = Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref_opt.step()
+        our_opt.step()
+    for p, q, p0 in zip(params, ours, start):  # bf16 rounding differs by op order: about 2% here
+        assert ((q - p).norm() / (p - p0).norm()).item() < 0.05
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError):
+        Muon([nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+def test_schedules_warm_up_from_a_nonzero_first_step(schedule):
+    cfg = OptimConfig(schedule=schedule, warmup_steps=10, cooldown_frac=0.2, min_lr_ratio=0.1)
+    lrs = [lr_multiplier(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[0] > 0
+    assert lrs[9] == pytest.approx(1.0)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
+    if schedule == "constant":
+        assert lrs[-1] == 1.0
+    elif schedule == "wsd":
+        assert lrs[79] == 1.0 and lrs[81] < 1.0 and lrs[-1] == pytest.approx(0.1 + 0.9 / 20)
+    else:
+        assert lrs[-1] < 0.2 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert min(lrs) > 0
+
+
+def test_no_warmup_still_starts_at_full_rate():
+    assert lr_multiplier(0, 10, OptimConfig(warmup_steps=0, schedule="wsd")) == 1.0

@@ -1,0 +1,107 @@
+"""The trained tokenizer as other packages use it: images <-> grids of discrete visual tokens.
+
+    tok = VQTokenizer.from_run("runs/vqvae-cifar10")        # a run folder or a checkpoint in it
+    tokens = tok.encode(images)     # uint8 [N, 3, 32, 32] or float in [-1, 1] -> int64 [N, 8, 8]
+    images = tok.decode(tokens)     # -> float [N, 3, 32, 32] in [-1, 1] (shared.images.to_uint8 for pixels)
+    tok.codebook_size, tok.grid_shape, tok.tokens_per_image, tok.fingerprint
+
+The fingerprint is a hash of the weights (codebook included) and the model config: two
+tokenizers with the same fingerprint produce the same tokens, so files of tokens record it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from shared.checkpoint import EMA_FILE, load_weights, resolve_checkpoint
+from shared.config import load_config, to_dict
+from shared.errors import UserError
+from shared.images import to_float
+from shared.run import find_run_dir
+
+from .config import VQVAERunConfig
+from .model import VQVAE
+
+
+def fingerprint(model: VQVAE) -> str:
+    h = hashlib.sha256(json.dumps(to_dict(model.cfg), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class VQTokenizer:
+    def __init__(self, model: VQVAE, source: str = "(in memory)", batch_size: int = 256):
+        self.model = model.eval().requires_grad_(False)
+        self.source, self.batch_size = source, batch_size
+        self.fingerprint = fingerprint(model)
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256) -> "VQTokenizer":
+        """Load from a run folder (its latest checkpoint) or one checkpoint folder inside it; the
+        EMA weights when the run kept them, as the run's own evaluations used."""
+        run_dir = find_run_dir(path)
+        ckpt = resolve_checkpoint(path)
+        cfg = load_config(VQVAERunConfig, run_dir / "config.toml")
+        model = VQVAE(cfg.model)
+        load_weights(model, ckpt, ema=(ckpt / EMA_FILE).is_file())
+        return cls(model.to(device), source=str(ckpt), batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def codebook_size(self) -> int:
+        return self.model.cfg.codebook_size
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return self.model.grid_shape
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.grid_shape
+        return h * w
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    def identity(self) -> dict:
+        """What a token file records about the tokenizer that wrote it."""
+        return {"fingerprint": self.fingerprint, "codebook_size": self.codebook_size,
+                "grid_shape": list(self.grid_shape), "image_size": self.image_size, "source": self.source}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] (or float in [-1, 1]) -> int64 token grids [N, h, w] on the input's device."""
+        s = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise UserError(f"this tokenizer encodes images of shape [N, 3, {s}, {s}], got {list(images.shape)}")
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i:i + self.batch_size].to(self.device)
+            x = to_float(x) if x.dtype == torch.uint8 else x.float()
+            out.append(self.model.encode(x).to(images.device))
+        return torch.cat(out) if out else torch.zeros(0, *self.grid_shape, dtype=torch.long, device=images.device)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grids [N, h, w] (any integer dtype) -> float images [N, 3, S, S] in [-1, 1]."""
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid_shape:
+            raise UserError(f"this tokenizer decodes token grids of shape [N, {self.grid_shape[0]}, {self.grid_shape[1]}], "
+                            f"got {list(tokens.shape)}")
+        tokens = tokens.long()
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
+            raise UserError(f"tokens must be in [0, {self.codebook_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        out = []
+        for i in range(0, len(tokens), self.batch_size):
+            out.append(self.model.decode(tokens[i:i + self.batch_size].to(self.device)).float().clamp(-1, 1).to(tokens.device))
+        s = self.image_size
+        return torch.cat(out) if out else torch.zeros(0, 3, s, s, device=tokens.device)
