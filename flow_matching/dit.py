@@ -3,8 +3,11 @@
 Read top to bottom:
 
 1. The image [B, 3, 32, 32] is cut into non-overlapping patch x patch squares; each flattened
-   patch is projected to the model width. Positions enter as 2-D rotary embeddings inside every
-   attention layer (shared.blocks.rope_2d), so attention depends on (row, column) offsets.
+   patch is projected to the model width. Positions enter twice: a fixed 2-D sin-cos embedding
+   added to the tokens says where each patch is (without it the network is translation-
+   equivariant and cannot place a centred object: measured, samples were patch-level noise), and
+   2-D rotary embeddings in every attention layer (shared.blocks.rope_2d) make attention depend
+   on (row, column) offsets.
 2. The condition c = time embedding + class embedding. Time t in [0, 1] is scaled by 1000 before
    the sinusoidal features, so the features' frequencies (periods 2*pi .. 2*pi*10^4) resolve the
    unit interval as finely as DiT's integer timesteps did. The class table has one extra row, the
@@ -58,6 +61,12 @@ class DiTConfig:
             raise ConfigError("model: the head dimension (hidden / n_heads) must be divisible by 4 for 2-D RoPE")
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed absolute positions [grid * grid, dim]: half the features encode the row, half the column."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sinusoidal_embedding(rows.flatten(), dim // 2), sinusoidal_embedding(cols.flatten(), dim - dim // 2)], dim=-1)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int):
         super().__init__()
@@ -103,6 +112,7 @@ class DiT2D(nn.Module):
                   causal=False, norm_affine=False) for _ in range(cfg.depth))
         self.modulations = nn.ModuleList(nn.Linear(cfg.hidden, 6 * cfg.hidden) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, patch_dim)
+        self.register_buffer("pos_embed", sincos_2d(self.grid, cfg.hidden), persistent=False)
         cos, sin = rope_2d(self.grid, self.grid, cfg.hidden // cfg.n_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -130,7 +140,7 @@ class DiT2D(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity [B, C, H, W] at images x, times t [B] in [0, 1] and labels y [B] (null allowed)."""
         c = self.time_embed(t) + self.class_embed(y)
-        h = self.patch_embed(self.patchify(x))
+        h = self.patch_embed(self.patchify(x)) + self.pos_embed
         rope = (self.rope_cos, self.rope_sin)
         silu_c = F.silu(c)
         for block, mod in zip(self.blocks, self.modulations):

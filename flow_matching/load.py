@@ -35,3 +35,16 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     model = DiT2D(cfg.model)
     load_weights(model, ckpt, ema=ema)
     return model.to(device).eval().requires_grad_(False), cfg, classes, ckpt
+
+
+def parse_class(value: str, classes: list[str]) -> int:
+    """A class given by index or by name."""
+    if value in classes:
+        return classes.index(value)
+    try:
+        k = int(value)
+    except ValueError:
+        raise UserError(f"unknown class {value!r}; classes: {', '.join(classes)}") from None
+    if not 0 <= k < len(classes):
+        raise UserError(f"class index {k} out of range 0..{len(classes) - 1}")
+    return k

@@ -41,10 +41,9 @@ def main() -> None:
     print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
     if test.classes != train.classes:
         raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
-    size = train.images.shape[-1]
-    if train.images.shape[-2:] != (cfg.model.image_size, cfg.model.image_size) or train.images.shape[1] != cfg.model.channels:
-        raise UserError(f"images are {tuple(train.images.shape[1:])} but the model expects "
-                        f"({cfg.model.channels}, {cfg.model.image_size}, {cfg.model.image_size}); size {size} needs model.image_size={size}")
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    if tuple(train.images.shape[1:]) != shape:
+        raise UserError(f"images are {tuple(train.images.shape[1:])} but the model expects {shape} (model.channels, model.image_size)")
     if cfg.model.num_classes not in (0, len(train.classes)):
         raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
     cfg.model.num_classes = len(train.classes)

@@ -55,7 +55,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} in {where}; known keys: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; known keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

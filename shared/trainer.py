@@ -173,7 +173,7 @@ class Trainer:
         self.timed_units = state["timed_units"]
 
     # ---------------------------------------------------------------- loop
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr(self.optimizers, lr_multiplier(self.step, self.total_steps, self.optim_cfg))
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.grad_accum):
@@ -244,7 +244,7 @@ class Trainer:
                     raise KeyboardInterrupt
                 self._sync()
                 t0 = time.perf_counter()
-                loss, grad_norm = self._train_step()
+                loss, grad_norm = self.train_step()
                 if warmup_left or self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     loss_value = loss.item()  # syncs; only on logging steps
                     if not math.isfinite(loss_value):

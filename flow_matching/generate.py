@@ -1,0 +1,26 @@
+"""Batched sampling for scripts: many images for given labels, seeded, with progress output."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from shared.images import to_uint8
+
+from .dit import DiT2D
+from .sampling import sample
+
+
+def generate(model: DiT2D, labels: torch.Tensor, *, num_steps: int, cfg_scale: float, sampler: str, grid: str,
+             seed: int, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] on the CPU. The noise comes from one generator seeded once, so
+    a given seed and batch size always give the same images."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress or len(labels) <= batch_size):
+        y = labels[i:i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = sample(model, y, num_steps=num_steps, cfg_scale=cfg_scale, sampler=sampler, grid=grid, generator=g)
+        out.append(to_uint8(x.float()).cpu())
+    return torch.cat(out)

@@ -1,0 +1,90 @@
+"""Sample images from a trained flow-matching DiT.
+
+    python scripts/generate_flow_matching.py --checkpoint runs/debug --class_grid --samples_per_class 8
+    python scripts/generate_flow_matching.py --checkpoint runs/dit-s --num_samples 64 --class_label cat --cfg_scale 2
+    python scripts/generate_flow_matching.py --checkpoint runs/dit-s --num_samples 10000 --save_images   # for evaluate_images.py
+
+Writes PNG grids to --output_dir; with --save_images also one PNG per sample under
+<output_dir>/images/<class>/, the folder layout scripts/evaluate_images.py reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from flow_matching.generate import generate
+from flow_matching.grid import class_grid
+from flow_matching.load import load_model, parse_class
+from flow_matching.sampling import SAMPLERS, TIME_GRIDS
+from shared.errors import UserError, run_main
+from shared.images import grid_shape, image_grid, save_png
+from shared.trainer import pick_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one step folder")
+    p.add_argument("--num_samples", type=int, help="images to draw (default 64; not with --class_grid)")
+    p.add_argument("--class_label", help="class name or index for every sample (default: classes in turn)")
+    p.add_argument("--class_grid", action="store_true", help="one labelled row per class")
+    p.add_argument("--samples_per_class", type=int, help="row length of --class_grid (default: the run's sample.per_class)")
+    p.add_argument("--num_steps", type=int, help="solver steps (default: the run's sample.num_steps)")
+    p.add_argument("--cfg_scale", type=float, help="guidance scale, 1 = no guidance (default: the run's sample.cfg_scale)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver (default: the run's sample.sampler)")
+    p.add_argument("--time_grid", choices=TIME_GRIDS, help="solver time grid (default: the run's sample.time_grid)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", help="where to write (default: <run>/generated)")
+    p.add_argument("--save_images", action="store_true", help="also write every sample as its own PNG")
+    p.add_argument("--no_ema", action="store_true", help="use the trained weights instead of their EMA")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    if args.class_grid and (args.num_samples is not None or args.class_label is not None):
+        raise UserError("--class_grid draws every class: do not combine it with --num_samples or --class_label")
+    if args.samples_per_class is not None and not args.class_grid:
+        raise UserError("--samples_per_class only applies with --class_grid")
+    for name in ("num_samples", "samples_per_class", "num_steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+
+    device = pick_device(args.device)
+    model, cfg, classes, ckpt = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+    s = cfg.sample
+    steps = args.num_steps or s.num_steps
+    scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    sampler, grid = args.sampler or s.sampler, args.time_grid or s.time_grid
+    if args.class_grid:
+        per_class = args.samples_per_class or s.per_class
+        labels = torch.arange(len(classes)).repeat_interleave(per_class)
+    elif args.class_label is not None:
+        labels = torch.full((args.num_samples or 64,), parse_class(args.class_label, classes))
+    else:
+        labels = torch.arange(args.num_samples or 64) % len(classes)
+    out = Path(args.output_dir) if args.output_dir else ckpt.parent.parent / "generated"
+    print(f"sampling {len(labels):,} images from {ckpt} ({'trained' if args.no_ema else 'EMA'} weights) on {device}: "
+          f"{sampler}, {steps} steps, {grid} time grid, guidance scale {scale}, seed {args.seed}")
+
+    images = generate(model, labels, num_steps=steps, cfg_scale=scale, sampler=sampler, grid=grid,
+                      seed=args.seed, batch_size=args.batch_size)
+    if args.class_grid:
+        path = out / "class_grid.png"
+        save_png(class_grid(images, classes, per_class), path)
+    else:
+        path = out / "samples.png"
+        save_png(image_grid(images, nrow=grid_shape(len(images))), path)
+    print(f"wrote {path}")
+    if args.save_images:
+        for i, (img, y) in enumerate(zip(images, labels.tolist())):
+            save_png(img, out / "images" / classes[y] / f"{i:06d}.png")
+        (out / "images" / "generation.json").write_text(json.dumps({
+            "checkpoint": str(ckpt), "ema": not args.no_ema, "num_steps": steps, "cfg_scale": scale,
+            "sampler": sampler, "time_grid": grid, "seed": args.seed, "num_samples": len(images)}, indent=2) + "\n")
+        print(f"wrote {len(images):,} images under {out / 'images'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,62 @@
+"""Train the CIFAR-10 classifier that scores generated images (shared/classifier.py).
+
+    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data cifar10
+    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data ../shared/data/cifar10-jpeg
+    python scripts/train_classifier.py --config configs/classifier/debug.toml       # CPU smoke run on the built-in set
+
+Reports test accuracy; scripts/evaluate_images.py --classifier runs/<name> then uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9, save_classes
+from shared.errors import UserError, run_main
+from shared.images import ImageBatches, ImageSet, load_images
+from shared.run import add_common_args, report, resolve_run, save_config
+from shared.trainer import Trainer, count_params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    args = p.parse_args()
+    cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data})
+
+    train = load_images(cfg.data.source, "train")
+    test = load_images(cfg.data.source, "test")
+    if test.classes != train.classes:
+        raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:cfg.data.eval_images]
+    test = ImageSet(test.images[idx], test.labels[idx], test.classes, test.description)
+    print(f"data: {train.description}; evaluation on {len(test):,} test images")
+    if cfg.model.num_classes not in (0, len(train.classes)):
+        raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
+    cfg.model.num_classes = len(train.classes)
+
+    torch.manual_seed(cfg.train.seed)
+    model = ResNet9(cfg.model).to(memory_format=torch.channels_last)
+    print(f"model: ResNet-9 width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
+    save_config(cfg, run_dir)
+    save_classes(train.classes, run_dir)
+    data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
+    task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
+    epochs = cfg.train.budget / len(train)
+    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images ({epochs:.1f} epochs) on "
+          f"{trainer.device}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    summary = trainer.fit(resume)
+    ev = summary["final_eval"]
+    report({**summary, "run_dir": run_dir / "summary.json"}, [
+        ("test accuracy" + (" (EMA)" if cfg.train.ema_decay else ""), f"{ev['accuracy']:.4f} on {len(test):,} images"),
+        ("test loss", f"{ev['loss']:.4f}"),
+        ("training time", f"{summary['train_time_s']:.1f} s"),
+        ("images/s", f"{summary['images_per_s']:,.0f}"),
+    ])
+
+
+if __name__ == "__main__":
+    run_main(main)

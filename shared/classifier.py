@@ -1,0 +1,166 @@
+"""A fast ResNet-style image classifier, trained by the project, that scores generated images.
+
+The class accuracy of samples (the fraction a classifier trained on real images assigns to the
+class they were conditioned on) complements FID: FID says whether the images look like the data,
+accuracy whether the conditioning worked. The network is the ResNet-9 of Page's fast CIFAR-10
+training (conv-BN-ReLU stages, max pooling, two residual blocks, a scaled linear head).
+
+Trained by scripts/train_classifier.py with the shared trainer; loaded by `load_classifier`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_weights, resolve_checkpoint
+from .config import from_dict, load_toml
+from .errors import ConfigError, UserError
+from .images import ImageSet, to_float
+from .metrics import MetricsLogger
+from .optim import OptimConfig
+from .run import find_run_dir
+from .trainer import TrainConfig
+
+CLASSES_FILE = "classes.json"
+
+
+@dataclass
+class ClassifierModelConfig:
+    width: int = 64  # channels of the first stage; later stages use 2x, 4x, 8x
+    num_classes: int = 0  # 0: taken from the data
+    head_scale: float = 0.125  # logits are scaled down, which trains faster (Page)
+
+    def __post_init__(self):
+        if self.width <= 0:
+            raise ConfigError("model.width must be positive")
+
+
+@dataclass
+class ClassifierDataConfig:
+    source: str = "cifar10"
+    crop_pad: int = 4  # random translations of up to this many pixels (reflection padding)
+    hflip: bool = True
+    eval_images: int = 10_000  # test images scored at each evaluation (the whole CIFAR-10 test split)
+
+
+@dataclass
+class ClassifierRunConfig:
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    label_smoothing: float = 0.2
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(c, c), _conv_bn(c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    def __init__(self, cfg: ClassifierModelConfig):
+        super().__init__()
+        if cfg.num_classes <= 0:
+            raise ConfigError("model.num_classes must be set (it normally comes from the data)")
+        w = cfg.width
+        self.features = nn.Sequential(
+            _conv_bn(3, w),
+            _conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
+        self.head_scale = cfg.head_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, classes] for images x in [-1, 1]."""
+        return self.head(self.features(x)) * self.head_scale
+
+
+def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Translate each image by up to `pad` pixels (reflection at the border), with the global RNG."""
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+class ClassifierTask:
+    unit = "images"
+
+    def __init__(self, eval_set: ImageSet, crop_pad: int, label_smoothing: float, eval_batch_size: int = 500):
+        self.eval_set, self.crop_pad, self.label_smoothing = eval_set, crop_pad, label_smoothing
+        self.eval_batch_size = eval_batch_size
+
+    def loss(self, model: ResNet9, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch
+        logits = model(random_crop(images, self.crop_pad))
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: ResNet9) -> dict[str, float]:
+        was_training = model.training
+        model.eval()  # BatchNorm running statistics, not the batch's
+        logits = predict_logits(model, self.eval_set.images, self.eval_batch_size)
+        model.train(was_training)
+        labels = self.eval_set.labels
+        return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
+
+    def sample(self, model: ResNet9, step: int, run_dir: Path, logger: MetricsLogger) -> None:
+        pass  # a classifier has nothing to sample
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Float logits on the CPU for uint8 images [N, 3, H, W]."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(to_float(images[i:i + batch_size].to(device))).float().cpu())
+    return torch.cat(out)
+
+
+def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
+    (Path(run_dir) / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[ResNet9, list[str]]:
+    """(model in eval mode, class names) from a classifier run folder or checkpoint; EMA weights
+    when the run kept them."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = find_run_dir(ckpt)
+    cfg = from_dict(ClassifierRunConfig, load_toml(run_dir / "config.toml"))
+    if not (run_dir / CLASSES_FILE).is_file():
+        raise UserError(f"{run_dir / CLASSES_FILE} is missing: is {run_dir} a classifier run (scripts/train_classifier.py)?")
+    classes = json.loads((run_dir / CLASSES_FILE).read_text())
+    model = ResNet9(cfg.model)
+    load_weights(model, ckpt, ema=ema and cfg.train.ema_decay > 0)
+    return model.to(device).eval(), classes
+
+
+def class_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predict_logits(model, images).argmax(1) == labels).float().mean().item()

