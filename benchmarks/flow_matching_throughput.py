@@ -4,7 +4,7 @@ backward, Muon + AdamW, EMA) on synthetic uint8 images, printed as JSON with the
     python benchmarks/flow_matching_throughput.py --config configs/flow_matching/dit-s.toml --batch_size 256
     python benchmarks/flow_matching_throughput.py --config configs/flow_matching/debug.toml --steps 5 --warmup 2
 
-The steps are the trainer's own (Trainer._train_step); warm-up steps (and compilation, with
+The steps are the trainer's own (Trainer.train_step); warm-up steps (and compilation, with
 --compile) are excluded from the timing.
 """
 
@@ -61,12 +61,12 @@ def main() -> None:
         trainer.total_steps = args.warmup + args.steps  # the schedule's length; the rate does not depend on it
         t0 = time.perf_counter()
         for _ in range(args.warmup):
-            trainer._train_step()
+            trainer.train_step()
         trainer._sync()
         warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            trainer._train_step()
+            trainer.train_step()
         trainer._sync()
         dt = time.perf_counter() - t0
     result = {

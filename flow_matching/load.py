@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,9 +23,17 @@ def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
     (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
 
 
-def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
-               ) -> tuple[DiT2D, FlowMatchingRunConfig, list[str], Path]:
-    """(model in eval mode, run config, class names, checkpoint folder) for a run or checkpoint path."""
+@dataclass
+class Loaded:
+    model: DiT2D  # in eval mode, gradients off
+    cfg: FlowMatchingRunConfig
+    classes: list[str]
+    ckpt: Path
+    ema: bool  # whether the EMA weights were loaded
+
+
+def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Loaded:
+    """The model of a run folder or checkpoint; the EMA weights when asked and the run kept them."""
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
     cfg = from_dict(FlowMatchingRunConfig, load_toml(run_dir / "config.toml"))
@@ -33,8 +42,9 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
         raise UserError(f"{classes_file} is missing: was {run_dir} trained by scripts/train_flow_matching.py?")
     classes = json.loads(classes_file.read_text())
     model = DiT2D(cfg.model)
+    ema = ema and cfg.train.ema_decay > 0
     load_weights(model, ckpt, ema=ema)
-    return model.to(device).eval().requires_grad_(False), cfg, classes, ckpt
+    return Loaded(model.to(device).eval().requires_grad_(False), cfg, classes, ckpt, ema)
 
 
 def parse_class(value: str, classes: list[str]) -> int:

@@ -57,12 +57,13 @@ def main() -> None:
     result: dict = {}
 
     if args.checkpoint:
-        model, cfg, classes, ckpt = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+        run = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+        model, cfg, classes, ckpt = run.model, run.cfg, run.classes, run.ckpt
         s = cfg.sample
         n = args.num_samples or 10_000
         if n <= 0:
             raise UserError("--num_samples must be positive")
-        settings = {"checkpoint": str(ckpt), "ema": not args.no_ema, "num_steps": args.num_steps or s.num_steps,
+        settings = {"checkpoint": str(ckpt), "ema": run.ema, "num_steps": args.num_steps or s.num_steps,
                     "cfg_scale": s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                     "sampler": args.sampler or s.sampler, "time_grid": args.time_grid or s.time_grid,
                     "seed": 0 if args.seed is None else args.seed}

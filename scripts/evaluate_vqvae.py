@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from shared.config import load_config
 from shared.errors import UserError, run_main
 from shared.images import load_images
@@ -27,7 +29,7 @@ def main() -> None:
     p.add_argument("--run", required=True, help="run folder (its latest checkpoint) or a checkpoint folder inside one")
     p.add_argument("--data", help="data spec; default: the run's data.source")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only; 0 = all")
+    p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N images; 0 = all")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", help="JSON file to write; default: <run>/eval_<split>.json")
@@ -39,7 +41,9 @@ def main() -> None:
     tok = VQTokenizer.from_run(args.run, device=pick_device(args.device), batch_size=args.batch_size)
     spec = args.data or load_config(VQVAERunConfig, run_dir / "config.toml").data.source
     data = load_images(spec, args.split)
-    images = data.images[:args.limit] if args.limit else data.images
+    # a fixed random subset: image folders are sorted by class, so the first N would be one or two classes
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    images = data.images[order[:args.limit]] if args.limit else data.images
     if tuple(images.shape[1:]) != (3, tok.image_size, tok.image_size):
         raise UserError(f"{data.description} holds images of shape {list(images.shape[1:])}; "
                         f"the tokenizer expects [3, {tok.image_size}, {tok.image_size}]")

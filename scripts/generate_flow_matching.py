@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from flow_matching.generate import generate
 from flow_matching.grid import class_grid
@@ -52,7 +53,8 @@ def main() -> None:
             raise UserError(f"--{name} must be positive")
 
     device = pick_device(args.device)
-    model, cfg, classes, ckpt = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+    run = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+    model, cfg, classes, ckpt = run.model, run.cfg, run.classes, run.ckpt
     s = cfg.sample
     steps = args.num_steps or s.num_steps
     scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
@@ -65,7 +67,9 @@ def main() -> None:
     else:
         labels = torch.arange(args.num_samples or 64) % len(classes)
     out = Path(args.output_dir) if args.output_dir else ckpt.parent.parent / "generated"
-    print(f"sampling {len(labels):,} images from {ckpt} ({'trained' if args.no_ema else 'EMA'} weights) on {device}: "
+    if args.save_images and (out / "images").is_dir() and any((out / "images").iterdir()):
+        raise UserError(f"{out / 'images'} already holds images: choose another --output_dir (mixing runs would corrupt an evaluation)")
+    print(f"sampling {len(labels):,} images from {ckpt} ({'EMA' if run.ema else 'trained'} weights) on {device}: "
           f"{sampler}, {steps} steps, {grid} time grid, guidance scale {scale}, seed {args.seed}")
 
     images = generate(model, labels, num_steps=steps, cfg_scale=scale, sampler=sampler, grid=grid,
@@ -78,10 +82,11 @@ def main() -> None:
         save_png(image_grid(images, nrow=grid_shape(len(images))), path)
     print(f"wrote {path}")
     if args.save_images:
-        for i, (img, y) in enumerate(zip(images, labels.tolist())):
+        for i, (img, y) in enumerate(tqdm(list(zip(images, labels.tolist())), desc="writing", unit="image",
+                                          disable=len(images) < 1000)):
             save_png(img, out / "images" / classes[y] / f"{i:06d}.png")
         (out / "images" / "generation.json").write_text(json.dumps({
-            "checkpoint": str(ckpt), "ema": not args.no_ema, "num_steps": steps, "cfg_scale": scale,
+            "checkpoint": str(ckpt), "ema": run.ema, "num_steps": steps, "cfg_scale": scale,
             "sampler": sampler, "time_grid": grid, "seed": args.seed, "num_samples": len(images)}, indent=2) + "\n")
         print(f"wrote {len(images):,} images under {out / 'images'}")
 

@@ -49,6 +49,9 @@ def main() -> None:
     print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images ({epochs:.1f} epochs) on "
           f"{trainer.device}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
     summary = trainer.fit(resume)
+    if not summary["final_eval"]:  # resumed a run that had already used its budget
+        print(f"nothing to do: {run_dir} already reached its budget of {cfg.train.budget:,} images (raise train.budget to continue)")
+        return
     ev = summary["final_eval"]
     report({**summary, "run_dir": run_dir / "summary.json"}, [
         ("test accuracy" + (" (EMA)" if cfg.train.ema_decay else ""), f"{ev['accuracy']:.4f} on {len(test):,} images"),

@@ -64,6 +64,9 @@ def main() -> None:
           f"time sampling {cfg.flow.time_sampling}, label dropout {cfg.flow.label_dropout}, "
           f"EMA {cfg.train.ema_decay or 'off'}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
     summary = trainer.fit(resume)
+    if not summary["final_eval"]:  # resumed a run that had already used its budget
+        print(f"nothing to do: {run_dir} already reached its budget of {cfg.train.budget:,} images (raise --train_images / train.budget to continue)")
+        return
     samples = sorted((run_dir / "samples").glob("*.png"))
     report({**summary, "run_dir": run_dir / "summary.json"}, [
         ("eval loss" + (" (EMA)" if cfg.train.ema_decay else ""), f"{summary['final_eval']['loss']:.4f}"),

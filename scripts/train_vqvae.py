@@ -34,7 +34,9 @@ def main() -> None:
     if tuple(train.images.shape[1:]) != (3, s, s):
         raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "
                         f"model.image_size = {s} expects [3, {s}, {s}]")
-    eval_images = test.images[:cfg.data.eval_images] if cfg.data.eval_images else test.images
+    # a fixed random subset: image folders are sorted by class, so the first N would be one or two classes
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
+    eval_images = test.images[order[:cfg.data.eval_images]] if cfg.data.eval_images else test.images
     print(f"data: {train.description}; evaluating on {len(eval_images):,} images of the {test.description}")
 
     torch.manual_seed(cfg.train.seed)

