@@ -16,7 +16,7 @@ import torch
 from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9, save_classes
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, ImageSet, load_images
-from shared.run import add_common_args, report, resolve_run, save_config
+from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
 
@@ -46,18 +46,12 @@ def main() -> None:
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     epochs = cfg.train.budget / len(train)
-    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images ({epochs:.1f} epochs) on "
-          f"{trainer.device}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    describe_training(trainer, run_dir, resume, f", {epochs:.1f} epochs")
     summary = trainer.fit(resume)
-    if not summary["final_eval"]:  # resumed a run that had already used its budget
-        print(f"nothing to do: {run_dir} already reached its budget of {cfg.train.budget:,} images (raise train.budget to continue)")
-        return
     ev = summary["final_eval"]
-    report({**summary, "run_dir": run_dir / "summary.json"}, [
+    report(summary, run_dir, [
         ("test accuracy" + (" (EMA)" if cfg.train.ema_decay else ""), f"{ev['accuracy']:.4f} on {len(test):,} images"),
         ("test loss", f"{ev['loss']:.4f}"),
-        ("training time", f"{summary['train_time_s']:.1f} s"),
-        ("images/s", f"{summary['images_per_s']:,.0f}"),
     ])
 
 

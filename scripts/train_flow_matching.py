@@ -18,7 +18,7 @@ from flow_matching.load import save_classes
 from flow_matching.task import FlowMatchingTask
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, ImageSet, load_images
-from shared.run import add_common_args, report, resolve_run, save_config
+from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
 
@@ -59,20 +59,12 @@ def main() -> None:
     task = FlowMatchingTask(cfg.flow, cfg.sample, eval_subset(test, cfg.data.eval_images), train.classes,
                             eval_batch_size=cfg.train.batch_size)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES})
-    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images on {trainer.device} "
-          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
-          f"time sampling {cfg.flow.time_sampling}, label dropout {cfg.flow.label_dropout}, "
-          f"EMA {cfg.train.ema_decay or 'off'}, run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    describe_training(trainer, run_dir, resume, f", time sampling {cfg.flow.time_sampling}, label dropout "
+                      f"{cfg.flow.label_dropout}, EMA {cfg.train.ema_decay or 'off'}")
     summary = trainer.fit(resume)
-    if not summary["final_eval"]:  # resumed a run that had already used its budget
-        print(f"nothing to do: {run_dir} already reached its budget of {cfg.train.budget:,} images (raise --train_images / train.budget to continue)")
-        return
     samples = sorted((run_dir / "samples").glob("*.png"))
-    report({**summary, "run_dir": run_dir / "summary.json"}, [
+    report(summary, run_dir, [
         ("eval loss" + (" (EMA)" if cfg.train.ema_decay else ""), f"{summary['final_eval']['loss']:.4f}"),
-        ("training time", f"{summary['train_time_s']:.1f} s" + (f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)" if cfg.train.compile else "")),
-        ("images/s", f"{summary['images_per_s']:,.0f}"),
-        ("images seen", f"{summary['images']:,}"),
         ("class grid", str(samples[-1]) if samples else "none"),
     ])
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -17,7 +16,7 @@ from llm.data import PackedBatches, prepare_data, validation_rows
 from llm.model import Decoder
 from llm.task import LanguageModelTask
 from shared.errors import run_main
-from shared.run import add_common_args, report, resolve_run, save_config
+from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
 
@@ -56,18 +55,13 @@ def main() -> None:
     task = LanguageModelTask(val, tok, eval_batch_size=cfg.train.batch_size, sample_prompts=cfg.sample.prompts,
                              sample_tokens=cfg.sample.max_new_tokens)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
-    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} tokens on {trainer.device} "
-          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
-          f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    describe_training(trainer, run_dir, resume)
     summary = trainer.fit(resume)
     ev = summary["final_eval"]
-    report({**summary, "run_dir": run_dir / "summary.json"}, [
+    report(summary, run_dir, [
         ("validation loss", f"{ev['loss']:.4f}"),
         ("validation accuracy", f"{ev['accuracy']:.4f}"),
         ("validation perplexity", f"{ev['perplexity']:.2f}"),
-        ("training time", f"{summary['train_time_s']:.1f} s" + (f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)" if cfg.train.compile else "")),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-        ("tokens seen", f"{summary['tokens']:,}"),
     ])
     latest = sorted((run_dir / "samples").glob("*.txt"))
     if latest:

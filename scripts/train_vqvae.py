@@ -14,7 +14,7 @@ import torch
 
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, load_images
-from shared.run import add_common_args, report, resolve_run, save_config
+from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 from vqvae.config import VQVAERunConfig
 from vqvae.model import VQVAE
@@ -51,19 +51,15 @@ def main() -> None:
     task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256))
     # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
-    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} images on {trainer.device} "
-          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.train.compile else ''}), "
-          f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""))
+    describe_training(trainer, run_dir, resume)
     summary = trainer.fit(resume)
     ev = summary["final_eval"]
-    report({**summary, "run_dir": run_dir / "summary.json"}, [
+    report(summary, run_dir, [
         ("reconstruction mse", f"{ev['mse']:.5f} (pixels in [0, 1])"),
         ("psnr", f"{ev['psnr']:.2f} dB"),
         ("codebook usage", f"{ev['codes_used']:,} / {cfg.model.codebook_size:,} codes ({ev['codebook_usage']:.1%}), "
                            f"perplexity {ev['perplexity']:.1f}"),
         ("tokens per image", f"{ev['tokens_per_image']} ({h}x{w})"),
-        ("training time", f"{summary['train_time_s']:.1f} s"),
-        ("images/s", f"{summary['images_per_s']:,.0f}"),
         ("samples", str(run_dir / "samples")),
     ])
 

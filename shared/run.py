@@ -62,8 +62,23 @@ def find_run_dir(path: str | Path) -> Path:
     raise UserError(f"no config.toml at or above {path}: is it a run folder or a checkpoint inside one?")
 
 
-def report(summary: dict, keys: list[tuple[str, str]]) -> None:
-    """Print the final numbers a researcher looks for, one per line."""
-    for label, value in keys:
-        print(f"{label:<22}{value}")
-    print(f"{'summary':<22}{summary.get('run_dir', '')}")
+def report(summary: dict, run_dir: Path, lines: list[tuple[str, str]]) -> None:
+    """Print the task's final numbers, then time, throughput and where the summary is."""
+    unit = summary["unit"]
+    time_line = f"{summary['train_time_s']:.1f} s"
+    if summary["compile"]:
+        time_line += f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)"
+    rate = summary[f"{unit}_per_s"]
+    lines = lines + [("training time", time_line), (f"{unit}/s", f"{rate:,.0f}" if rate else "n/a"),
+                     (f"{unit} seen", f"{summary[unit]:,}"), ("summary", str(run_dir / "summary.json"))]
+    width = max(len(label) for label, _ in lines) + 2
+    for label, value in lines:
+        print(f"{label:<{width}}{value}")
+
+
+def describe_training(trainer, run_dir: Path, resume: Path | None, extra: str = "") -> None:
+    """One line before training starts: steps, device, precision, run folder."""
+    cfg = trainer.cfg
+    print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} {trainer.task.unit} on {trainer.device} "
+          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.compile else ''}){extra}, "
+          f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""), flush=True)

@@ -226,6 +226,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if resume_from is not None:
             self._restore(resume_from)
+            if self.step >= self.total_steps:  # before anything in the run folder is rewritten
+                raise UserError(f"{self.run_dir} already reached its budget ({self.step * self.units_per_step:,} {unit}); "
+                                "raise train.budget to continue it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
         self.model.train()
@@ -288,6 +291,7 @@ class Trainer:
         unit = self.task.unit
         summary = {
             "steps": self.step,
+            "unit": unit,
             unit: units,
             "params": count_params(self.model),
             "train_time_s": round(self.train_time, 3),

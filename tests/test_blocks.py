@@ -1,7 +1,6 @@
 """Attention, RoPE and the decoder: the properties the rest of the project relies on."""
 
 import torch
-import torch.nn.functional as F
 
 from llm.generate import generate
 from llm.model import Decoder, DecoderConfig

@@ -50,6 +50,7 @@ def test_token_cache_round_trips_and_refuses_a_mismatch(tmp_path):
     tok = cache.tokenizer
     train, val = cache.tokens("train"), cache.tokens("val")
     assert cache.meta["train_tokens"] == len(train) and train.dtype == np.uint16
+    assert cache.meta["val_tokens"] == len(val) > 0
     starts = cache.doc_starts("train")
     assert starts[0] == 0 and all(train[s - 1] == tok.eos_id for s in starts[1:])  # boundaries are EOS
     docs, _ = load_documents(small_cfg(tmp_path))
