@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from shared.blocks import Block, RMSNorm, init_weights, modulate, rope_2d, sinusoidal_embedding
@@ -128,14 +129,10 @@ class DiT2D(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H/p)(W/p), C*p*p], row-major over the patch grid."""
-        b, c, _, _ = x.shape
-        p, g = self.cfg.patch, self.grid
-        return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+        return rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=self.cfg.patch, q=self.cfg.patch)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        p, g, c = self.cfg.patch, self.grid, self.cfg.channels
-        return x.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
+        return rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=self.grid, p=self.cfg.patch, q=self.cfg.patch)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity [B, C, H, W] at images x, times t [B] in [0, 1] and labels y [B] (null allowed)."""
