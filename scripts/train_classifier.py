@@ -1,7 +1,7 @@
 """Train the CIFAR-10 classifier that scores generated images (shared/classifier.py).
 
     python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data cifar10
-    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data ../shared/data/cifar10-jpeg
+    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data /path/to/cifar10-jpeg
     python scripts/train_classifier.py --config configs/classifier/debug.toml       # CPU smoke run on the built-in set
 
 Reports test accuracy; scripts/evaluate_images.py --classifier runs/<name> then uses it.

@@ -2,7 +2,7 @@
 
     python scripts/train_flow_matching.py --config configs/flow_matching/debug.toml
     python scripts/train_flow_matching.py --config configs/flow_matching/dit-s.toml --data cifar10
-    python scripts/train_flow_matching.py --config configs/flow_matching/dit-s.toml --data ../shared/data/cifar10-jpeg
+    python scripts/train_flow_matching.py --config configs/flow_matching/dit-s.toml --data /path/to/cifar10-jpeg
     python scripts/train_flow_matching.py --experiment_name dit-s --resume        # continue an interrupted run
 """
 

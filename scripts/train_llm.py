@@ -36,6 +36,8 @@ def main() -> None:
     print(f"data: {cache.description}")
     print(f"tokens: {cache.meta['train_tokens']:,} train / {cache.meta['val_tokens']:,} validation "
           f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents)")
+    if cache.meta["val_tokens"] < 16 * (cfg.data.seq_len + 1):
+        print(f"warning: only {cache.meta['val_tokens']:,} validation tokens, a noisy estimate; raise data.val_fraction")
     cfg.model.vocab_size = padded_vocab(tok.vocab_size)
     print(f"tokenizer: {tok.spec} ({tok.vocab_size:,} tokens, model vocabulary {cfg.model.vocab_size:,})")
     epochs = cfg.train.budget / max(1, cache.meta["train_tokens"])

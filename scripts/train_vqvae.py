@@ -2,7 +2,7 @@
 
     python scripts/train_vqvae.py --config configs/vqvae/debug.toml
     python scripts/train_vqvae.py --config configs/vqvae/cifar10.toml --data cifar10
-    python scripts/train_vqvae.py --config configs/vqvae/cifar10.toml --data ../shared/data/cifar10-jpeg --train_images 200000
+    python scripts/train_vqvae.py --config configs/vqvae/cifar10.toml --data /path/to/cifar10-jpeg --train_images 200000
     python scripts/train_vqvae.py --experiment_name cifar10 --resume      # continue an interrupted run
 """
 
