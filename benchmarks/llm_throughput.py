@@ -22,8 +22,10 @@ from shared.errors import UserError, run_main
 from shared.trainer import Trainer, count_params, hardware_info
 
 ROOT = Path(__file__).resolve().parent.parent
-# dense bf16 tensor-core peaks (no sparsity), FLOP/s
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a fragment of torch.cuda.get_device_name;
+# the more specific fragments come first (an H100 PCIe is not an H100 SXM)
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12))
 
 
 class RandomTokens:
@@ -47,7 +49,7 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
 def main() -> None:
@@ -95,6 +97,7 @@ def main() -> None:
         "compile": args.compile, "steps": args.steps, "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_s, 1),
         "model_flops_per_token": flops_per_token, "achieved_tflops": round(tokens_per_s * flops_per_token / 1e12, 3),
         "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
+        "peak_tflops_assumed": peak / 1e12 if peak else None,
         "hardware": hardware_info(trainer.device),
     }
     if trainer.device.type == "cuda":

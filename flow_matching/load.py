@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,17 +10,11 @@ import torch
 from shared.checkpoint import load_weights, resolve_checkpoint
 from shared.config import from_dict, load_toml
 from shared.errors import UserError
+from shared.images import load_classes
 from shared.run import find_run_dir
 
 from .config import FlowMatchingRunConfig
 from .dit import DiT2D
-
-CLASSES_FILE = "classes.json"
-
-
-def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
-    (run_dir / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
-
 
 @dataclass
 class Loaded:
@@ -37,10 +30,7 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
     cfg = from_dict(FlowMatchingRunConfig, load_toml(run_dir / "config.toml"))
-    classes_file = run_dir / CLASSES_FILE
-    if not classes_file.is_file():
-        raise UserError(f"{classes_file} is missing: was {run_dir} trained by scripts/train_flow_matching.py?")
-    classes = json.loads(classes_file.read_text())
+    classes = load_classes(run_dir, "scripts/train_flow_matching.py")
     model = DiT2D(cfg.model)
     ema = ema and cfg.train.ema_decay > 0
     load_weights(model, ckpt, ema=ema)

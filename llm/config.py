@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.errors import ConfigError
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig
 
@@ -15,6 +16,12 @@ from .model import DecoderConfig
 class SampleConfig:
     prompts: tuple[str, ...] = ("Once upon a time",)
     max_new_tokens: int = 64
+
+    def __post_init__(self):
+        if any(not p.strip() for p in self.prompts):
+            raise ConfigError("sample.prompts must not contain empty prompts")
+        if self.max_new_tokens < 1:
+            raise ConfigError("sample.max_new_tokens must be at least 1")
 
 
 @dataclass

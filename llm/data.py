@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.cache import cache_root
 from shared.errors import ConfigError, UserError
 from shared.hub import require_hub
 
 from .corpus import generate_corpus
 from .tokenizer import TextTokenizer, load_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 OFFLINE_OPTIONS = "use --data builtin (generated offline corpus) or --data PATH (a .txt/.jsonl/.parquet file or folder)"
 
@@ -49,10 +50,6 @@ class TextDataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BLUEBERRY_CACHE", ".cache/blueberry"))
-
-
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -65,6 +62,15 @@ def _slug(text: str) -> str:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
+    try:
+        return _parse_file(path, field)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # unreadable, or pyarrow's ArrowInvalid for a damaged parquet file
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _parse_file(path: Path, field: str) -> list[str]:
     if path.suffix == ".txt":
         return [path.read_text(encoding="utf-8", errors="replace")]
     if path.suffix == ".jsonl":
@@ -77,9 +83,13 @@ def _read_file(path: Path, field: str) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{i + 1} is not a JSON object with a {field!r} field") from None
         return docs
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as e:
+        raise UserError(f"{path} is not a readable parquet file: {e}") from None
     if field not in table.column_names:
         raise UserError(f"{path} has no column {field!r} (columns: {', '.join(table.column_names)})")
     return [t for t in table.column(field).to_pylist() if t]
@@ -104,7 +114,11 @@ def _local_documents(path: Path, field: str, max_chars: int) -> list[str]:
     return docs
 
 
-def _hub_documents(spec: str, field: str, max_chars: int) -> list[str]:
+def _hub_documents(spec: str, field: str, max_chars: int, val_chars: int, val_fraction: float) -> list[str]:
+    """Stream documents until the training side has max_chars and the validation side val_chars.
+
+    Validation documents are picked by hash in stream order, so the first val_chars of them are
+    the same whatever the training budget: runs with different --train_tokens evaluate alike."""
     name, _, config = spec.partition(":")
     if not max_chars:
         raise UserError(f"streaming {spec!r} needs a limit: set data.max_tokens (the script sets it from --train_tokens)")
@@ -113,11 +127,11 @@ def _hub_documents(spec: str, field: str, max_chars: int) -> list[str]:
         import datasets
 
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        docs, chars = [], 0
+        docs, chars = [], {True: 0, False: 0}
         for row in ds:
             docs.append(row[field])
-            chars += len(row[field])
-            if chars >= max_chars:
+            chars[is_validation(row[field], val_fraction)] += len(row[field])
+            if chars[False] >= max_chars and chars[True] >= val_chars:
                 break
     except KeyError:
         raise UserError(f"dataset {name!r} has no {field!r} field; set data.text_field") from None
@@ -133,7 +147,7 @@ def load_documents(cfg: TextDataConfig) -> tuple[list[str], str]:
     if cfg.source == "builtin":
         return generate_corpus(cfg.builtin_docs), f"built-in generated corpus ({cfg.builtin_docs} documents)"
     if cfg.source.startswith("hf:"):
-        docs = _hub_documents(cfg.source[3:], cfg.text_field, max_chars)
+        docs = _hub_documents(cfg.source[3:], cfg.text_field, max_chars, cfg.val_tokens * 6, cfg.val_fraction)
         return docs, f"Hugging Face dataset {cfg.source[3:]} ({len(docs)} documents streamed)"
     path = Path(cfg.source).expanduser()
     if not path.exists():
@@ -193,7 +207,7 @@ class TokenCache:
         return np.load(self.dir / f"{split}_docs.npy")
 
 
-def _check_meta(meta: dict, where: Path, tok: TextTokenizer, cfg: TextDataConfig) -> None:
+def _check_meta(meta: dict, where: Path, tok: TextTokenizer, cfg: TextDataConfig, source_key: str) -> None:
     if meta.get("version") != CACHE_VERSION:
         raise UserError(f"token cache {where} has format version {meta.get('version')}, expected {CACHE_VERSION}: delete it")
     if meta["tokenizer_fingerprint"] != tok.fingerprint:
@@ -205,6 +219,9 @@ def _check_meta(meta: dict, where: Path, tok: TextTokenizer, cfg: TextDataConfig
                         "delete the cache or choose another data.cache_dir")
     if meta["source"] != cfg.source:
         raise UserError(f"token cache {where} holds {meta['source']!r}, this run reads {cfg.source!r}")
+    if meta["source_key"] != source_key:
+        raise UserError(f"token cache {where} was built with other data settings (max_tokens, val_fraction, text_field "
+                        "or builtin_docs): delete the cache or choose another data.cache_dir")
 
 
 def prepare_data(cfg: TextDataConfig, log=print) -> TokenCache:
@@ -213,8 +230,6 @@ def prepare_data(cfg: TextDataConfig, log=print) -> TokenCache:
     source_key = _key(cfg.source, cfg.text_field, cfg.max_tokens, cfg.val_fraction,
                       cfg.builtin_docs if cfg.source == "builtin" else None)
     explicit = Path(cfg.cache_dir) if cfg.cache_dir else None
-    if cfg.source.startswith("hf:"):  # say so before anything else needs the network
-        require_hub(f"dataset {cfg.source[3:]!r}", OFFLINE_OPTIONS)
     docs: dict = {}
 
     def documents() -> tuple[list[str], list[str], str]:
@@ -228,8 +243,11 @@ def prepare_data(cfg: TextDataConfig, log=print) -> TokenCache:
     where = explicit or root / "tokens" / f"{_slug(cfg.source)}-{_key(source_key, tok.fingerprint, cfg.seq_len)}"
     meta_path = where / "meta.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        _check_meta(meta, where, tok, cfg)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{meta_path} is corrupt: delete {where} and rerun") from None
+        _check_meta(meta, where, tok, cfg, source_key)
         return TokenCache(where, meta, tok, meta["description"] + f" [token cache {where}]")
 
     train, val, desc = documents()
@@ -242,7 +260,7 @@ def prepare_data(cfg: TextDataConfig, log=print) -> TokenCache:
     np.save(tmp / "train_docs.npy", train_starts)
     np.save(tmp / "val_docs.npy", val_starts)
     tok.save(tmp / "tokenizer.json")
-    meta = {"version": CACHE_VERSION, "source": cfg.source, "description": desc, "tokenizer": tok.spec,
+    meta = {"version": CACHE_VERSION, "source": cfg.source, "source_key": source_key, "description": desc, "tokenizer": tok.spec,
             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "seq_len": cfg.seq_len, "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
             "train_docs": len(train_starts), "val_docs": len(val_starts)}

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared.blocks import Block, KVCache, RMSNorm, init_weights, rope_1d
@@ -78,10 +77,6 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.pos += t
         return self.lm_head(self.norm(x))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def matmul_flops_per_token(model: Decoder, seq_len: int) -> int:

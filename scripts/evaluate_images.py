@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--time_grid", choices=TIME_GRIDS, help="checkpoint only; default: the run's")
     p.add_argument("--seed", type=int, help="checkpoint only; default 0")
     p.add_argument("--no_ema", action="store_true", help="checkpoint only: the trained weights instead of the EMA")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256, help="generation batch (checkpoint only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="also write the results as JSON here")
     args = p.parse_args()
@@ -60,10 +60,10 @@ def main() -> None:
         run = load_model(args.checkpoint, ema=not args.no_ema, device=device)
         model, cfg, classes, ckpt = run.model, run.cfg, run.classes, run.ckpt
         s = cfg.sample
-        n = args.num_samples or 10_000
-        if n <= 0:
-            raise UserError("--num_samples must be positive")
-        settings = {"checkpoint": str(ckpt), "ema": run.ema, "num_steps": args.num_steps or s.num_steps,
+        n = 10_000 if args.num_samples is None else args.num_samples
+        if n <= 0 or (args.num_steps is not None and args.num_steps <= 0) or args.batch_size <= 0:
+            raise UserError("--num_samples, --num_steps and --batch_size must be positive")
+        settings = {"checkpoint": str(ckpt), "ema": run.ema, "num_steps": s.num_steps if args.num_steps is None else args.num_steps,
                     "cfg_scale": s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                     "sampler": args.sampler or s.sampler, "time_grid": args.time_grid or s.time_grid,
                     "seed": 0 if args.seed is None else args.seed}
@@ -75,7 +75,7 @@ def main() -> None:
         result.update(settings)
         reference = args.reference or cfg.data.source
     else:
-        folder = load_images(args.images, "train")
+        folder = load_images(args.images, "all")
         images, labels, classes = folder.images, folder.labels, list(folder.classes)
         result["images"] = str(args.images)
         if not args.skip_fid and not args.reference:

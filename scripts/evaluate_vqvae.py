@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from shared.config import load_config
 from shared.errors import UserError, run_main
@@ -41,9 +40,7 @@ def main() -> None:
     tok = VQTokenizer.from_run(args.run, device=pick_device(args.device), batch_size=args.batch_size)
     spec = args.data or load_config(VQVAERunConfig, run_dir / "config.toml").data.source
     data = load_images(spec, args.split)
-    # a fixed random subset: image folders are sorted by class, so the first N would be one or two classes
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-    images = data.images[order[:args.limit]] if args.limit else data.images
+    images = data.subset(args.limit or 0).images
     if tuple(images.shape[1:]) != (3, tok.image_size, tok.image_size):
         raise UserError(f"{data.description} holds images of shape {list(images.shape[1:])}; "
                         f"the tokenizer expects [3, {tok.image_size}, {tok.image_size}]")

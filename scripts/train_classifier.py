@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9, save_classes
+from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9
 from shared.errors import UserError, run_main
-from shared.images import ImageBatches, ImageSet, load_images
+from shared.images import ImageBatches, load_images, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
@@ -30,8 +30,7 @@ def main() -> None:
     test = load_images(cfg.data.source, "test")
     if test.classes != train.classes:
         raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:cfg.data.eval_images]
-    test = ImageSet(test.images[idx], test.labels[idx], test.classes, test.description)
+    test = test.subset(cfg.data.eval_images)
     print(f"data: {train.description}; evaluation on {len(test):,} test images")
     if cfg.model.num_classes not in (0, len(train.classes)):
         raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
@@ -40,14 +39,12 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     model = ResNet9(cfg.model).to(memory_format=torch.channels_last)
     print(f"model: ResNet-9 width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
-    save_config(cfg, run_dir)
-    save_classes(train.classes, run_dir)
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     epochs = cfg.train.budget / len(train)
     describe_training(trainer, run_dir, resume, f", {epochs:.1f} epochs")
-    summary = trainer.fit(resume)
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), save_classes(train.classes, run_dir)))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("test accuracy" + (" (EMA)" if cfg.train.ema_decay else ""), f"{ev['accuracy']:.4f} on {len(test):,} images"),

@@ -14,18 +14,11 @@ import torch
 
 from flow_matching.config import FlowMatchingRunConfig
 from flow_matching.dit import DiT2D
-from flow_matching.load import save_classes
 from flow_matching.task import FlowMatchingTask
 from shared.errors import UserError, run_main
-from shared.images import ImageBatches, ImageSet, load_images
+from shared.images import ImageBatches, load_images, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
-
-
-def eval_subset(data: ImageSet, n: int) -> ImageSet:
-    """A fixed random subset (folders are sorted by class, so the first n would be one class)."""
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]
-    return ImageSet(data.images[idx], data.labels[idx], data.classes, data.description)
 
 
 def main() -> None:
@@ -52,16 +45,14 @@ def main() -> None:
     model = DiT2D(cfg.model)
     print(f"model: DiT2D {count_params(model) / 1e6:.1f}M parameters (hidden {cfg.model.hidden}, depth {cfg.model.depth}, "
           f"{cfg.model.n_heads} heads, patch {cfg.model.patch}: {model.grid ** 2} tokens, {cfg.model.num_classes} classes + null)")
-    save_config(cfg, run_dir)
-    save_classes(train.classes, run_dir)
 
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
-    task = FlowMatchingTask(cfg.flow, cfg.sample, eval_subset(test, cfg.data.eval_images), train.classes,
+    task = FlowMatchingTask(cfg.flow, cfg.sample, test.subset(cfg.data.eval_images), train.classes,
                             eval_batch_size=cfg.train.batch_size)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES})
     describe_training(trainer, run_dir, resume, f", time sampling {cfg.flow.time_sampling}, label dropout "
                       f"{cfg.flow.label_dropout}, EMA {cfg.train.ema_decay or 'off'}")
-    summary = trainer.fit(resume)
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), save_classes(train.classes, run_dir)))
     samples = sorted((run_dir / "samples").glob("*.png"))
     report(summary, run_dir, [
         ("eval loss" + (" (EMA)" if cfg.train.ema_decay else ""), f"{summary['final_eval']['loss']:.4f}"),

@@ -15,7 +15,7 @@ from llm.config import LLMRunConfig, padded_vocab
 from llm.data import PackedBatches, prepare_data, validation_rows
 from llm.model import Decoder
 from llm.task import LanguageModelTask
-from shared.errors import run_main
+from shared.errors import UserError, run_main
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
@@ -38,6 +38,9 @@ def main() -> None:
           f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents)")
     if cache.meta["val_tokens"] < 16 * (cfg.data.seq_len + 1):
         print(f"warning: only {cache.meta['val_tokens']:,} validation tokens, a noisy estimate; raise data.val_fraction")
+    if cfg.model.vocab_size not in (0, padded_vocab(tok.vocab_size)):
+        raise UserError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer needs {padded_vocab(tok.vocab_size)} "
+                        "(leave it 0 to follow the tokenizer)")
     cfg.model.vocab_size = padded_vocab(tok.vocab_size)
     print(f"tokenizer: {tok.spec} ({tok.vocab_size:,} tokens, model vocabulary {cfg.model.vocab_size:,})")
     epochs = cfg.train.budget / max(1, cache.meta["train_tokens"])
@@ -49,8 +52,6 @@ def main() -> None:
     print(f"model: {count_params(model) / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, width {cfg.model.d_model}, "
           f"{cfg.model.n_heads}/{cfg.model.n_kv_heads} query/KV heads, {cfg.model.mlp} MLP, "
           f"{'tied' if cfg.model.tie_embeddings else 'untied'} embeddings)")
-    save_config(cfg, run_dir)
-    tok.save(run_dir / "tokenizer.json")
 
     data = PackedBatches(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     val = validation_rows(cache.tokens("val"), cfg.data.seq_len, cfg.data.val_tokens)
@@ -58,7 +59,7 @@ def main() -> None:
                              sample_tokens=cfg.sample.max_new_tokens)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     describe_training(trainer, run_dir, resume)
-    summary = trainer.fit(resume)
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), tok.save(run_dir / "tokenizer.json")))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("validation loss", f"{ev['loss']:.4f}"),

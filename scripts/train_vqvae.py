@@ -34,9 +34,7 @@ def main() -> None:
     if tuple(train.images.shape[1:]) != (3, s, s):
         raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "
                         f"model.image_size = {s} expects [3, {s}, {s}]")
-    # a fixed random subset: image folders are sorted by class, so the first N would be one or two classes
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
-    eval_images = test.images[order[:cfg.data.eval_images]] if cfg.data.eval_images else test.images
+    eval_images = test.subset(cfg.data.eval_images).images
     print(f"data: {train.description}; evaluating on {len(eval_images):,} images of the {test.description}")
 
     torch.manual_seed(cfg.train.seed)
@@ -45,14 +43,13 @@ def main() -> None:
     print(f"model: {count_params(model) / 1e6:.2f}M parameters, {s}x{s} images -> {h}x{w} = {h * w} tokens from "
           f"{cfg.model.codebook_size:,} codes of dimension {cfg.model.code_dim} "
           f"({cfg.model.codebook_update} codebook, {cfg.model.gradient} gradients{', l2-normalised' if cfg.model.l2_codes else ''})")
-    save_config(cfg, run_dir)
 
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256))
     # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
     describe_training(trainer, run_dir, resume)
-    summary = trainer.fit(resume)
+    summary = trainer.fit(resume, on_start=lambda: save_config(cfg, run_dir))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("reconstruction mse", f"{ev['mse']:.5f} (pixels in [0, 1])"),

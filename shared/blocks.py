@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RMSNorm = nn.RMSNorm  # torch's own fused implementation; eps defaults to the dtype's epsilon
+class RMSNorm(nn.RMSNorm):
+    """torch's fused RMSNorm with a fixed eps: its default (the input dtype's epsilon) would be
+    7.8e-3 for bf16 activations under autocast but 1.2e-7 in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
 
 # --------------------------------------------------------------------------------------------

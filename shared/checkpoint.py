@@ -91,7 +91,11 @@ def load_weights(module: nn.Module, ckpt: Path, ema: bool = False) -> None:
         tensors = load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {file} is corrupt or unreadable: {e}") from None
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes differ: another preset, tokenizer or class count
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise UserError(f"checkpoint {file} does not fit this model: {first}") from None
     # tied weights were stored once; anything else missing means the wrong model
     expected_missing = {n for n in missing if _is_tied_alias(module, n, tensors)}
     missing = [n for n in missing if n not in expected_missing]

@@ -10,7 +10,6 @@ Trained by scripts/train_classifier.py with the shared trainer; loaded by `load_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +19,12 @@ from torch import nn
 
 from .checkpoint import load_weights, resolve_checkpoint
 from .config import from_dict, load_toml
-from .errors import ConfigError, UserError
-from .images import ImageSet, to_float
+from .errors import ConfigError
+from .images import ImageSet, load_classes, to_float
 from .metrics import MetricsLogger
 from .optim import OptimConfig
 from .run import find_run_dir
 from .trainer import TrainConfig
-
-CLASSES_FILE = "classes.json"
-
 
 @dataclass
 class ClassifierModelConfig:
@@ -144,19 +140,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500
     return torch.cat(out)
 
 
-def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
-    (Path(run_dir) / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
-
-
 def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[ResNet9, list[str]]:
     """(model in eval mode, class names) from a classifier run folder or checkpoint; EMA weights
     when the run kept them."""
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
     cfg = from_dict(ClassifierRunConfig, load_toml(run_dir / "config.toml"))
-    if not (run_dir / CLASSES_FILE).is_file():
-        raise UserError(f"{run_dir / CLASSES_FILE} is missing: is {run_dir} a classifier run (scripts/train_classifier.py)?")
-    classes = json.loads((run_dir / CLASSES_FILE).read_text())
+    classes = load_classes(run_dir, "scripts/train_classifier.py")
     model = ResNet9(cfg.model)
     load_weights(model, ckpt, ema=ema and cfg.train.ema_decay > 0)
     return model.to(device).eval(), classes

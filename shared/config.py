@@ -7,6 +7,7 @@ which the scripts print as one line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -128,7 +129,8 @@ def dump_toml(data: dict) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         if v is None:
             raise ConfigError("None cannot be written to TOML")
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON string escapes are valid TOML basic-string escapes (newlines in prompts included)
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
     def table(d: dict, header: str) -> list[str]:
         out = [f"\n[{header}]"] if header else []

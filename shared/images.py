@@ -12,14 +12,15 @@ disk), so a GPU trainer indexes memory instead of decoding files.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cache import cache_root
 from .errors import UserError
 
 BUILTIN_CLASSES = ("disc", "square", "ring", "cross", "h-stripes", "v-stripes", "checker", "triangle", "gradient", "dots")
@@ -37,9 +38,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("BLUEBERRY_CACHE", ".cache/blueberry"))
+    def subset(self, n: int) -> "ImageSet":
+        """A fixed random subset of n images (all when n is 0): folders are sorted by class, so the
+        first n would hold only one or two classes."""
+        if n <= 0 or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n]
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.description)
 
 
 # ------------------------------------------------------------------------------- built-in set
@@ -95,20 +100,35 @@ def _builtin(split: str) -> ImageSet:
 # ------------------------------------------------------------------------------- folders
 
 
+HELD_OUT = 10  # a folder without split subfolders keeps every 10th image (by file-name hash) for test
+
+
+def _held_out(path: Path) -> bool:
+    return hashlib.blake2b(f"{path.parent.name}/{path.name}".encode(), digest_size=8).digest()[0] % HELD_OUT == 0
+
+
 def _folder(root: Path, split: str) -> ImageSet:
-    base = root / split if (root / split).is_dir() else root
-    if base is root and any((root / s).is_dir() for s in ("train", "test")):
+    one_split = split == "all" or not (root / split).is_dir()
+    base = root if one_split else root / split
+    if one_split and any((root / s).is_dir() for s in ("train", "test")):
         raise UserError(f"{root} has no {split!r} split folder")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise UserError(f"no class folders in {base} (expected {base}/<class>/*.jpg)")
     files = [(f, i) for i, c in enumerate(classes) for f in sorted((base / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if one_split and split != "all":  # never evaluate on training images: hold out a fixed tenth by file-name hash
+        files = [(f, i) for f, i in files if _held_out(f) == (split == "test")]
     if not files:
-        raise UserError(f"no images under {base}")
+        raise UserError(f"no {split} images under {base}" + (" (one-split folders hold out every 10th image for test)" if one_split else ""))
     key = hashlib.sha256(f"{base.resolve()}|{len(files)}|{files[0][0].stat().st_mtime}".encode()).hexdigest()[:12]
-    cache = _cache_root() / "images" / f"{base.name}-{key}.pt"
+    cache = cache_root() / "images" / f"{base.name}-{split if one_split else 'all'}-{key}.pt"
+    saved = None
     if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
+        try:
+            saved = torch.load(cache, weights_only=True)
+        except Exception:  # a damaged cache is rebuilt from the images
+            print(f"decoded-image cache {cache} is unreadable; decoding again", flush=True)
+    if saved is not None:
         images, labels = saved["images"], saved["labels"]
     else:
         from PIL import Image
@@ -116,8 +136,11 @@ def _folder(root: Path, split: str) -> ImageSet:
         print(f"decoding {len(files):,} images from {base} (once; cached in {cache}) ...", flush=True)
         arrays = []
         for f, _ in files:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+            try:
+                with Image.open(f) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"cannot read image {f}: {e}") from None
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise UserError(f"images under {base} have different sizes ({sorted(shapes)[:3]}...); resize them first")
@@ -126,13 +149,15 @@ def _folder(root: Path, split: str) -> ImageSet:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"images": images, "labels": labels}, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").replace(cache)
-    return ImageSet(images, labels, tuple(classes), f"image folder {base} ({len(labels):,} images, {len(classes)} classes)")
+    kind = {"all": "all images", "test": "held-out tenth" if one_split else "test split",
+            "train": "nine tenths (one-split folder)" if one_split else "train split"}[split]
+    return ImageSet(images, labels, tuple(classes), f"image folder {base}, {split}: {kind} ({len(labels):,} images, {len(classes)} classes)")
 
 
 def _cifar10(split: str) -> ImageSet:
     import torchvision
 
-    root = _cache_root() / "cifar10"
+    root = cache_root() / "cifar10"
     try:
         ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
     except Exception as e:  # urllib raises several types when offline
@@ -142,8 +167,11 @@ def _cifar10(split: str) -> ImageSet:
 
 
 def load_images(spec: str, split: str = "train") -> ImageSet:
-    if split not in ("train", "test"):
-        raise UserError(f"split must be train or test, got {split!r}")
+    """`split` is train or test; "all" reads every image of a one-split folder (generated samples)."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"split must be train, test or all, got {split!r}")
+    if split == "all" and spec in ("builtin", "cifar10"):
+        raise UserError(f"split 'all' is for image folders, not {spec!r}")
     if spec == "builtin":
         return _builtin(split)
     if spec == "cifar10":
@@ -221,3 +249,23 @@ def save_png(image_chw: torch.Tensor, path: Path) -> None:
 
 def grid_shape(n: int) -> int:
     return max(1, int(math.ceil(math.sqrt(n))))
+
+
+CLASSES_FILE = "classes.json"  # a run's class names, in label order
+
+
+def save_classes(classes: tuple[str, ...], run_dir: Path) -> None:
+    (Path(run_dir) / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
+
+
+def load_classes(run_dir: Path, trained_by: str) -> list[str]:
+    path = Path(run_dir) / CLASSES_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: was {run_dir} trained by {trained_by}?")
+    try:
+        classes = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path} is corrupt: expected a JSON list of class names")
+    return classes

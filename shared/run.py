@@ -33,6 +33,9 @@ def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object]
     name = args.experiment_name or Path(args.config).stem
     run_dir = Path(args.runs_dir) / name
     resume = None
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume key=value`: the optional value was an override
+        args.resume = "latest"
     if args.resume is not None:
         resume = resolve_checkpoint(run_dir if args.resume == "latest" else args.resume)
     elif (run_dir / "checkpoints" / LATEST).exists():

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ class Trainer:
         state = {"step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
                  "timed_units": self.timed_units,
                  "optimizers": [o.state_dict() for o in self.optimizers], "data": self.data.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "total_steps": self.total_steps}
+                 "rng_cpu": torch.get_rng_state(), "units_per_step": self.units_per_step}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
@@ -160,11 +160,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if len(state["optimizers"]) != len(self.optimizers):
             raise UserError(f"checkpoint {ckpt} has {len(state['optimizers'])} optimisers, this run builds {len(self.optimizers)}")
+        if state["units_per_step"] != self.units_per_step:
+            raise UserError(f"checkpoint {ckpt} took {state['units_per_step']:,} {self.task.unit} per step, this run "
+                            f"takes {self.units_per_step:,}: keep train.batch_size, train.grad_accum and the sequence length")
         for opt, s in zip(self.optimizers, state["optimizers"]):
-            base = [g["base_lr"] for g in opt.param_groups]
+            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(s)
-            for group, b in zip(opt.param_groups, base):
-                group["base_lr"] = b
+            for group, settings in zip(opt.param_groups, current):  # the config in force wins
+                group.update(settings)
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
@@ -221,7 +224,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def fit(self, resume_from: Path | None = None) -> dict:
+    def fit(self, resume_from: Path | None = None, on_start: Callable[[], None] | None = None) -> dict:
+        """Train to the budget. `on_start` runs once the checkpoint (if any) has been restored and
+        before anything is written, so a refused resume leaves the run folder as it was."""
         cfg, unit = self.cfg, self.task.unit
         torch.manual_seed(cfg.seed)
         if resume_from is not None:
@@ -230,6 +235,8 @@ class Trainer:
                 raise UserError(f"{self.run_dir} already reached its budget ({self.step * self.units_per_step:,} {unit}); "
                                 "raise train.budget to continue it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start()
         logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
         self.model.train()
         eval_metrics: dict = {}

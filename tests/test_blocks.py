@@ -89,6 +89,8 @@ def test_rope_2d_is_relative_in_rows_and_columns():
         return (apply_rope(q, cos[ia:ia + 1], sin[ia:ia + 1]) * apply_rope(k, cos[ib:ib + 1], sin[ib:ib + 1])).sum().item()
 
     assert abs(score((1, 1), (0, 2)) - score((4, 3), (3, 4))) < 1e-4
+    assert abs(score((1, 1), (0, 2)) - score((1, 1), (0, 3))) > 1e-3  # the column offset matters
+    assert abs(score((1, 1), (0, 2)) - score((2, 1), (0, 2))) > 1e-3  # and so does the row offset
 
 
 def test_cached_greedy_decoding_equals_uncached():

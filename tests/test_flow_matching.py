@@ -275,5 +275,5 @@ def test_trains_on_a_real_image_folder(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "real"
     assert json.loads((run / "classes.json").read_text())[:3] == ["airplane", "automobile", "bird"]
-    assert "10,000 images, 10 classes" in proc.stdout
+    assert "train: nine tenths" in proc.stdout and "test: held-out tenth" in proc.stdout
     assert Image.open(run / "samples" / "step_000004.png").height == 10 * 34 + 2

@@ -49,9 +49,14 @@ def test_train_resume_generate_and_corrupt_checkpoint(tmp_path):
     again = run_script("train_llm.py", "--config", DEBUG, "--experiment_name", "tiny", *TINY, cwd=tmp_path)
     assert_one_line_error(again, "--resume")  # never silently overwrite a run
 
+    config = (run / "config.toml").read_text()
     finished = run_script("train_llm.py", "--experiment_name", "tiny", "--resume", cwd=tmp_path)
     assert_one_line_error(finished, "already reached its budget")
-    assert json.loads((run / "summary.json").read_text()) == summary  # and nothing was rewritten
+    misfit = run_script("train_llm.py", "--config", DEBUG, "--experiment_name", "tiny", "--resume", *TINY,
+                        "model.d_model=64", cwd=tmp_path)
+    assert_one_line_error(misfit, "does not fit this model")
+    assert json.loads((run / "summary.json").read_text()) == summary  # neither rewrote the run folder
+    assert (run / "config.toml").read_text() == config
 
     gen = run_script("generate_llm.py", "--checkpoint", str(run), "--max_new_tokens", "5", "--temperature", "0", cwd=tmp_path)
     assert gen.returncode == 0 and gen.stdout.startswith("Once upon a time"), gen.stderr
