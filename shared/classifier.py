@@ -31,6 +31,7 @@ class ClassifierModelConfig:
     width: int = 64  # channels of the first stage; later stages use 2x, 4x, 8x
     num_classes: int = 0  # 0: taken from the data
     head_scale: float = 0.125  # logits are scaled down, which trains faster (Page)
+    flip_tta: bool = True  # predictions average the logits of each image and its mirror image
 
     def __post_init__(self):
         if self.width <= 0:
@@ -56,6 +57,8 @@ class ClassifierRunConfig:
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.model.flip_tta and not self.data.hflip:
+            raise ConfigError("model.flip_tta needs data.hflip: mirror images are only fair to a model trained on them")
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -84,11 +87,16 @@ class ResNet9(nn.Module):
             _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
             nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
-        self.head_scale = cfg.head_scale
+        self.head_scale, self.flip_tta = cfg.head_scale, cfg.flip_tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for images x in [-1, 1]."""
         return self.head(self.features(x)) * self.head_scale
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation: with flip_tta, averaged over the image and its mirror image."""
+        logits = self(x)
+        return (logits + self(x.flip(-1))) / 2 if self.flip_tta else logits
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -131,12 +139,12 @@ class ClassifierTask:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Float logits on the CPU for uint8 images [N, 3, H, W]."""
+def predict_logits(model: ResNet9, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Float logits on the CPU for uint8 images [N, 3, H, W] (ResNet9.predict)."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(model(to_float(images[i:i + batch_size].to(device))).float().cpu())
+        out.append(model.predict(to_float(images[i:i + batch_size].to(device))).float().cpu())
     return torch.cat(out)
 
 
@@ -152,5 +160,5 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: b
     return model.to(device).eval(), classes
 
 
-def class_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def class_accuracy(model: ResNet9, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (predict_logits(model, images).argmax(1) == labels).float().mean().item()

@@ -7,6 +7,10 @@ on the CPU and batched over same-shape matrices, takes about 0.03 s. On a GPU it
 torch's. The update is the same as torch.optim.Muon's (tests/test_optim.py checks them against
 each other): Nesterov momentum, quintic Newton-Schulz, lr scaled by sqrt(max(1, rows/cols)),
 decoupled weight decay.
+
+Unlike torch.optim.Muon it also takes convolution filters [out, in, kh, kw], orthogonalised as
+[out, in*kh*kw] matrices (as in Keller Jordan's CIFAR-10 speedruns); split_params sends them here
+only when asked (OptimConfig.muon_conv).
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class Muon(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+                if p.ndim < 2:
+                    raise ValueError(f"Muon takes matrices or conv filters, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,8 +71,11 @@ class Muon(torch.optim.Optimizer):
                 else:
                     updates = bufs
                 dtype = self.ns_dtype or (torch.bfloat16 if params[0].is_cuda else torch.float32)
-                ortho = orthogonalize(torch.stack(updates), group["ns_steps"], dtype=dtype)
-                scale = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
+                rows = shape[0]
+                cols = params[0].numel() // rows  # conv filters: [out, in*kh*kw]
+                stacked = torch.stack(updates).reshape(len(params), rows, cols)
+                ortho = orthogonalize(stacked, group["ns_steps"], dtype=dtype).reshape(len(params), *shape)
+                scale = group["lr"] * max(1.0, rows / cols) ** 0.5
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-scale)

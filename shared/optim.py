@@ -2,7 +2,8 @@
 
 Muon (shared/muon.py: Nesterov momentum, Newton-Schulz orthogonalisation, shape-aware step size,
 decoupled weight decay) trains the hidden 2-D weight matrices; AdamW trains everything else:
-embeddings, output heads, norms, gains, biases, and anything not 2-D.
+embeddings, output heads, norms, gains, biases, and anything not 2-D (convolution filters too,
+unless `muon_conv` is set).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class OptimConfig:
     warmup_steps: int = 0
     cooldown_frac: float = 0.2  # wsd: final fraction of steps that decays to min_lr_ratio
     min_lr_ratio: float = 0.0
+    muon_conv: bool = False  # also train conv filters with Muon, flattened to [out, in*kh*kw]
 
     def __post_init__(self):
         if not 0.0 <= self.cooldown_frac <= 1.0:
@@ -41,12 +43,13 @@ class OptimConfig:
 
 
 def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (nn.Embedding,),
-                 adam_names: tuple[str, ...] = ("lm_head", "head")) -> tuple[list, list]:
+                 adam_names: tuple[str, ...] = ("lm_head", "head"), conv: bool = False) -> tuple[list, list]:
     """(muon, adam) parameter lists; every trainable parameter lands in exactly one.
 
     A 2-D weight goes to Muon unless it belongs to an embedding (any module of `adam_modules`)
-    or to a module whose name ends with one of `adam_names` (output heads). Tied weights are
-    seen once, through the module that registered them first.
+    or to a module whose name ends with one of `adam_names` (output heads); with `conv`, so do
+    the filters of nn.Conv2d layers. Tied weights are seen once, through the module that
+    registered them first.
     """
     muon, adam, seen = [], [], set()
     for mod_name, module in model.named_modules():
@@ -55,7 +58,8 @@ def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (
                 continue
             seen.add(id(p))
             is_head = mod_name.split(".")[-1] in adam_names
-            if p.ndim == 2 and not isinstance(module, adam_modules) and not is_head:
+            matrix = p.ndim == 2 or (conv and p.ndim == 4 and isinstance(module, nn.Conv2d))
+            if matrix and not isinstance(module, adam_modules) and not is_head:
                 muon.append(p)
             else:
                 adam.append(p)
@@ -63,7 +67,7 @@ def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list[torch.optim.Optimizer]:
-    muon_params, adam_params = split_params(model, **split_kwargs)
+    muon_params, adam_params = split_params(model, conv=cfg.muon_conv, **split_kwargs)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opts: list[torch.optim.Optimizer] = []
     if muon_params:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_script
-from shared.classifier import ClassifierModelConfig, ClassifierTask, ResNet9, random_crop
+from shared.classifier import ClassifierModelConfig, ClassifierRunConfig, ClassifierTask, ResNet9, random_crop
+from shared.config import from_dict
+from shared.errors import ConfigError
 from shared.fid import feature_stats, fid_from_stats, frechet_distance
 from shared.images import ImageSet, generate_shapes
 
@@ -98,3 +100,16 @@ def test_evaluate_images_errors(tmp_path):
     assert_one_line_error(proc, "nothing to compute")
     proc = run_script("evaluate_images.py", "--images", str(tmp_path), "--num_steps", "5", "--reference", "builtin", cwd=tmp_path)
     assert_one_line_error(proc, "need --checkpoint")
+
+
+def test_flip_tta_predictions_are_mirror_invariant_and_need_flip_training():
+    torch.manual_seed(0)
+    model = ResNet9(ClassifierModelConfig(width=8, num_classes=10)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(model.predict(x), model.predict(x.flip(-1)))
+    torch.testing.assert_close(model.predict(x), (model(x) + model(x.flip(-1))) / 2)
+    model.flip_tta = False
+    assert not torch.allclose(model.predict(x), model.predict(x.flip(-1)))
+    with pytest.raises(ConfigError, match="flip_tta"):
+        from_dict(ClassifierRunConfig, {"data": {"hflip": False}})
+    assert not from_dict(ClassifierRunConfig, {"data": {"hflip": False}, "model": {"flip_tta": False}}).data.hflip

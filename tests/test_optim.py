@@ -56,6 +56,23 @@ def test_muon_step_matches_torch_muon_in_bf16():
         assert ((q - p).norm() / (p - p0).norm()).item() < 0.05
 
 
+def test_conv_filters_go_to_muon_only_when_asked_and_step_as_flattened_matrices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3))
+    assert split_params(model)[0] == []
+    muon, adam = split_params(model, conv=True)
+    assert [p.shape for p in muon] == [(8, 3, 3, 3), (16, 8, 3, 3)] and all(p.ndim == 1 for p in adam)
+    conv = nn.Parameter(torch.randn(16, 8, 3, 3))
+    flat = nn.Parameter(conv.detach().reshape(16, 72).clone())
+    opts = [Muon([conv], lr=0.05, weight_decay=0.1), Muon([flat], lr=0.05, weight_decay=0.1)]
+    for _ in range(2):
+        g = torch.randn(16, 8, 3, 3)
+        conv.grad, flat.grad = g.clone(), g.reshape(16, 72).clone()
+        for o in opts:
+            o.step()
+    torch.testing.assert_close(conv.detach().reshape(16, 72), flat.detach())
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError):
         Muon([nn.Parameter(torch.zeros(3))])
