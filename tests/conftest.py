@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _data_dir() -> Path | None:
     env = os.environ.get("BLUEBERRY_DATA_DIR")
-    candidate = Path(env) if env else ROOT.parent / "shared" / "data"
+    candidate = Path(env).resolve() if env else ROOT.parent / "shared" / "data"  # scripts run in tmp dirs
     return candidate if candidate.is_dir() else None
 
 
