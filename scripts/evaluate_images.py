@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from flow_matching.generate import generate
+from flow_matching.generate import add_solver_args, generate
 from flow_matching.load import load_model
-from flow_matching.sampling import SAMPLERS, TIME_GRIDS
 from shared.classifier import class_accuracy, load_classifier
 from shared.errors import UserError, run_main
 from shared.fid import InceptionFeatures, feature_stats, fid_from_stats, reference_stats
@@ -39,10 +38,7 @@ def main() -> None:
     p.add_argument("--classifier", help="classifier run folder (scripts/train_classifier.py) for class accuracy")
     p.add_argument("--skip_fid", action="store_true", help="class accuracy only")
     p.add_argument("--num_samples", type=int, help="images to generate (checkpoint only; default 10000)")
-    p.add_argument("--num_steps", type=int, help="solver steps (checkpoint only; default: the run's)")
-    p.add_argument("--cfg_scale", type=float, help="guidance scale (checkpoint only; default: the run's)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="checkpoint only; default: the run's")
-    p.add_argument("--time_grid", choices=TIME_GRIDS, help="checkpoint only; default: the run's")
+    add_solver_args(p, note=", checkpoint only")
     p.add_argument("--seed", type=int, help="checkpoint only; default 0")
     p.add_argument("--no_ema", action="store_true", help="checkpoint only: the trained weights instead of the EMA")
     p.add_argument("--batch_size", type=int, default=256, help="generation batch (checkpoint only)")

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flow_matching.generate import generate
+from flow_matching.generate import add_solver_args, generate
 from flow_matching.grid import class_grid
 from flow_matching.load import load_model, parse_class
-from flow_matching.sampling import SAMPLERS, TIME_GRIDS
 from shared.errors import UserError, run_main
 from shared.images import grid_shape, image_grid, save_png
 from shared.trainer import pick_device
@@ -33,10 +32,7 @@ def main() -> None:
     p.add_argument("--class_label", help="class name or index for every sample (default: classes in turn)")
     p.add_argument("--class_grid", action="store_true", help="one labelled row per class")
     p.add_argument("--samples_per_class", type=int, help="row length of --class_grid (default: the run's sample.per_class)")
-    p.add_argument("--num_steps", type=int, help="solver steps (default: the run's sample.num_steps)")
-    p.add_argument("--cfg_scale", type=float, help="guidance scale, 1 = no guidance (default: the run's sample.cfg_scale)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver (default: the run's sample.sampler)")
-    p.add_argument("--time_grid", choices=TIME_GRIDS, help="solver time grid (default: the run's sample.time_grid)")
+    add_solver_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", help="where to write (default: <run>/generated)")
     p.add_argument("--save_images", action="store_true", help="also write every sample as its own PNG")
