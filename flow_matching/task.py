@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.grid import class_grid
 from shared.images import ImageSet, save_png, to_float, to_uint8
 from shared.metrics import MetricsLogger
 
 from .config import FlowConfig, SampleConfig
 from .dit import DiT2D
-from .grid import class_grid
 from .path import StraightPath, drop_labels, time_sampler
 from .sampling import sample
 

@@ -29,15 +29,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# What a forbidden token's logit becomes: finite, so that no later arithmetic (a guidance mix,
+# a temperature) can meet -inf - -inf = NaN, and still far below any real logit.
+FORBIDDEN = -1e9
+
+
+def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Float logits with every id outside `allowed` (bool [V]) set to FORBIDDEN."""
+    logits = logits.float()
+    return logits if allowed is None else logits.masked_fill(~allowed, FORBIDDEN)
+
+
 @torch.no_grad()
 def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, use_cache: bool = True, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+             generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield next tokens [B] one step at a time after `prompt` [B, T].
 
     With the cache, the prompt is run once and each new token costs one position; without it the
     whole sequence is recomputed every step (the reference the cache is tested against). Stops
     at max_new_tokens, at the model's context length, or when every row has produced eos_id.
+    `allowed` (bool [V]) limits what may be sampled.
     """
     model.eval()
     budget = min(max_new_tokens, model.max_seq_len - prompt.shape[1])
@@ -47,7 +59,7 @@ def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperat
     seq, step_input = prompt, prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(budget):
-        logits = model(step_input if use_cache else seq, cache)[:, -1]
+        logits = restrict(model(step_input if use_cache else seq, cache)[:, -1], allowed)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
         seq = torch.cat([seq, nxt[:, None]], dim=1)

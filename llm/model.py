@@ -28,6 +28,8 @@ class DecoderConfig:
     vocab_size: int = 0  # 0: taken from the tokenizer when the run is built
 
     def __post_init__(self):
+        if min(self.n_heads, self.n_kv_heads) <= 0:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) and model.n_kv_heads ({self.n_kv_heads}) must be positive")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
         if self.n_heads % self.n_kv_heads:
@@ -59,9 +61,11 @@ class Decoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    cache_class = KVCache  # a subclass may keep more per-row state while decoding
+
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len or self.max_seq_len, c.d_model // c.n_heads,
+        return self.cache_class(c.n_layers, batch, c.n_kv_heads, max_len or self.max_seq_len, c.d_model // c.n_heads,
                        device=self.tok_emb.weight.device, dtype=dtype or self.tok_emb.weight.dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -70,13 +74,18 @@ class Decoder(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len {self.max_seq_len}")
-        rope = (self.rope_cos[start:start + t], self.rope_sin[start:start + t])
+        rope = self.rope_tables(idx, start, cache)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
         if cache is not None:
             cache.pos += t
         return self.lm_head(self.norm(x))
+
+    def rope_tables(self, idx: torch.Tensor, start: int, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for tokens idx at positions start.. (1-D); a subclass may place tokens elsewhere."""
+        t = idx.shape[1]
+        return self.rope_cos[start:start + t], self.rope_sin[start:start + t]
 
 
 def matmul_flops_per_token(model: Decoder, seq_len: int) -> int:

@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from flow_matching.generate import add_solver_args, generate
-from flow_matching.grid import class_grid
 from flow_matching.load import load_model, parse_class
 from shared.errors import UserError, run_main
+from shared.grid import class_grid
 from shared.images import grid_shape, image_grid, save_png
 from shared.trainer import pick_device
 

@@ -7,6 +7,7 @@ adaLN modulation (used by the DiT). Nothing here knows about text or images.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -54,10 +55,13 @@ def rope_2d(height: int, width: int, head_dim: int, theta: float = 10_000.0) -> 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by tables [T, D/2] (half-split layout: pairs are (i, i + D/2))."""
+    """Rotate x [B, H, T, D] by tables [T, D/2], or [B, T, D/2] when every row has positions of
+    its own (half-split layout: pairs are (i, i + D/2))."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
     cos, sin = cos.to(x.device), sin.to(x.device)
+    if cos.ndim == 3:  # per-row tables broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
 
@@ -85,6 +89,14 @@ class KVCache:
         self.k[layer, :, :, self.pos:self.pos + t] = k
         self.v[layer, :, :, self.pos:self.pos + t] = v
         return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+    def repeat_rows(self, repeats: int) -> "KVCache":
+        """A new cache whose row i * repeats + j is a copy of row i: one shared prefix (an image)
+        continued by several sequences (one caption per class) without recomputing it."""
+        new = copy.copy(self)
+        new.k = self.k.repeat_interleave(repeats, dim=1)
+        new.v = self.v.repeat_interleave(repeats, dim=1)
+        return new
 
 
 class Attention(nn.Module):

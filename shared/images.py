@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .cache import cache_root
+from .epochs import EpochOrder
 from .errors import UserError
 
 BUILTIN_CLASSES = ("disc", "square", "ring", "cross", "h-stripes", "v-stripes", "checker", "triangle", "gradient", "dots")
@@ -39,12 +40,16 @@ class ImageSet:
         return len(self.labels)
 
     def subset(self, n: int) -> "ImageSet":
-        """A fixed random subset of n images (all when n is 0): folders are sorted by class, so the
-        first n would hold only one or two classes."""
-        if n <= 0 or n >= len(self):
-            return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n]
-        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.description)
+        idx = subset_indices(len(self), n)
+        return self if idx is None else ImageSet(self.images[idx], self.labels[idx], self.classes, self.description)
+
+
+def subset_indices(total: int, n: int) -> torch.Tensor | None:
+    """A fixed random subset of n of `total` examples (None: all of them, when n is 0 or too big).
+    Random because folders are sorted by class, so the first n would hold one or two classes."""
+    if n <= 0 or n >= total:
+        return None
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
 
 
 # ------------------------------------------------------------------------------- built-in set
@@ -200,37 +205,44 @@ class ImageBatches:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, hflip: bool = False):
-        if len(data) < batch_size:
-            raise UserError(f"{len(data)} images is fewer than one batch of {batch_size}")
-        self.data, self.batch_size, self.seed, self.hflip = data, batch_size, seed, hflip
+        self.data, self.hflip = data, hflip
+        self.order = EpochOrder(len(data), batch_size, seed, what="images")
         self.units_per_batch = batch_size
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cursor + self.batch_size > len(self.data):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        idx = self._order[self.cursor:self.cursor + self.batch_size]
+        idx, g = self.order.next()
         images = self.data.images[idx]
         if self.hflip:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.cursor)
             flip = torch.rand(len(idx), generator=g) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        self.cursor += self.batch_size
         return to_float(images), self.data.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "n": len(self.data), "seed": self.seed}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n"] != len(self.data) or state["seed"] != self.seed:
-            raise UserError("the checkpoint's data position does not fit this data (different data or seed)")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
+        self.order.load_state_dict(state)
+
+
+def read_image_files(paths: list[str], size: int) -> torch.Tensor:
+    """uint8 [N, 3, size, size] from image files; other sizes are resized (bicubic), with a note."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"image not found: {p}")
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    print(f"note: {p} is {im.size[0]}x{im.size[1]}; resized to {size}x{size}")
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                out.append(np.asarray(im))
+        except OSError as e:
+            raise UserError(f"cannot read image {p}: {e}") from None
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:

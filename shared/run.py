@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
-from .checkpoint import LATEST, resolve_checkpoint
+from .checkpoint import LATEST, load_state, resolve_checkpoint
 from .config import apply_overrides, dump_toml, from_dict, load_toml, to_dict
 from .errors import UserError
 
@@ -85,3 +85,24 @@ def describe_training(trainer, run_dir: Path, resume: Path | None, extra: str = 
     print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} {trainer.task.unit} on {trainer.device} "
           f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.compile else ''}){extra}, "
           f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""), flush=True)
+
+
+def print_results(result: dict, output: str | None) -> None:
+    """An evaluation's results as aligned lines, and as JSON at `output` when given."""
+    width = max(len(k) for k in result) + 2
+    for k, v in result.items():
+        print(f"{k:<{width}}{v}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {output}")
+
+
+def refuse_finished(resume: Path | None, run_dir: Path, budget: int, units_per_step: int, unit: str) -> None:
+    """Refuse, before any expensive preparation, to resume a run that already reached its budget
+    (the trainer checks again; this only saves the wait)."""
+    if resume is None:
+        return
+    done = int(load_state(resume)["step"]) * units_per_step
+    if done >= budget:
+        raise UserError(f"{run_dir} already reached its budget ({done:,} {unit}); raise train.budget to continue it")

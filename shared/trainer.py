@@ -68,6 +68,10 @@ class BatchSource(Protocol):
 
 
 class Task(Protocol):
+    """A task may also define `train_metrics() -> dict[str, float]`: figures it gathered in `loss`
+    since the last call (kept as tensors until then, so they cost no host sync per step), logged
+    beside the training loss."""
+
     unit: str  # "tokens", "images"
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
@@ -273,9 +277,10 @@ class Trainer:
                     window_time += dt
                 if loss_value is not None:
                     rate = window_units / window_time if window_time > 0 else 0.0
+                    extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
                     logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
                                grad_norm=grad_norm.item(), lr_mult=lr_multiplier(self.step - 1, self.total_steps, self.optim_cfg),
-                               **{f"{unit}_per_s": rate})
+                               **{f"{unit}_per_s": rate}, **extra)
                     bar.set_postfix({"loss": f"{loss_value:.4f}", f"{unit}/s": f"{rate:,.0f}"})
                     window_units, window_time = 0, 0.0
                 bar.update(1)

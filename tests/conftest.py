@@ -47,3 +47,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def vqvae_debug_run(tmp_path_factory) -> Path:
+    """One `debug` VQ-VAE run on the built-in set, shared by every test that needs a trained
+    tokenizer (the VQ-VAE's own tests and the multimodal ones)."""
+    runs = tmp_path_factory.mktemp("vq-runs")
+    proc = run_script("train_vqvae.py", "--config", str(ROOT / "configs" / "vqvae" / "debug.toml"), "--runs_dir", str(runs),
+                      cwd=runs, timeout=600, env_extra={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "psnr" in proc.stdout
+    return runs / "debug"

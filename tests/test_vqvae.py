@@ -46,13 +46,9 @@ def tiny_tokenizer(seed: int) -> VQTokenizer:
 
 
 @pytest.fixture(scope="module")
-def debug_run(tmp_path_factory, _one_thread) -> Path:
-    """One `debug` training run on the built-in set, shared by the tests that need a trained tokenizer."""
-    runs = tmp_path_factory.mktemp("runs")
-    proc = run_script("train_vqvae.py", "--config", str(DEBUG), "--runs_dir", str(runs), cwd=runs, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "psnr" in proc.stdout
-    return runs / "debug"
+def debug_run(vqvae_debug_run, _one_thread) -> Path:
+    """The session's `debug` training run on the built-in set (conftest.py)."""
+    return vqvae_debug_run
 
 
 # ------------------------------------------------------------------------------- quantiser

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared.images import image_grid
+from .images import image_grid
 
 PAD = 2  # image_grid's border
 
@@ -15,7 +15,7 @@ def class_grid(images: torch.Tensor, classes: list[str] | tuple[str, ...], per_c
     from PIL import Image, ImageDraw, ImageFont
 
     grid = image_grid(images, nrow=per_class)  # [3, K*(H+PAD)+PAD, per_class*(W+PAD)+PAD]
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=11)  # the default size 10 renders spaces 2 pixels wide
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = int(max(probe.textlength(str(c), font=font) for c in classes)) + 2 * PAD + 4
     row_h = images.shape[-2] + PAD
