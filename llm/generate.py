@@ -34,6 +34,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 FORBIDDEN = -1e9
 
 
+def real_tokens(vocab_rows: int, tokenizer_size: int, device=None) -> torch.Tensor:
+    """bool [vocab_rows]: the tokenizer's ids, not the rows padded onto the embedding table."""
+    return torch.arange(vocab_rows, device=device) < tokenizer_size
+
+
 def restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """Float logits with every id outside `allowed` (bool [V]) set to FORBIDDEN."""
     logits = logits.float()
@@ -48,8 +53,8 @@ def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperat
 
     With the cache, the prompt is run once and each new token costs one position; without it the
     whole sequence is recomputed every step (the reference the cache is tested against). Stops
-    at max_new_tokens, at the model's context length, or when every row has produced eos_id.
-    `allowed` (bool [V]) limits what may be sampled.
+    at max_new_tokens, at the model's context length, or when every row has produced eos_id; a row
+    that has yields eos_id from then on. `allowed` (bool [V]) limits what may be sampled.
     """
     model.eval()
     budget = min(max_new_tokens, model.max_seq_len - prompt.shape[1])
@@ -61,6 +66,8 @@ def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperat
     for _ in range(budget):
         logits = restrict(model(step_input if use_cache else seq, cache)[:, -1], allowed)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, eos_id, nxt)
         yield nxt
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         step_input = nxt[:, None]

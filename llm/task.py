@@ -10,9 +10,18 @@ import torch.nn.functional as F
 
 from shared.metrics import MetricsLogger
 
-from .generate import generate
+from .generate import generate, real_tokens
 from .model import Decoder
 from .tokenizer import TextTokenizer
+
+
+def document_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """A prompt as the start of a document: training documents follow an end-of-text token."""
+    return [tokenizer.eos_id, *tokenizer.encode(text)]
+
+
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 class LanguageModelTask:
@@ -47,12 +56,13 @@ class LanguageModelTask:
     def sample(self, model: Decoder, step: int, run_dir: Path, logger: MetricsLogger) -> None:
         device = next(model.parameters()).device
         g = torch.Generator(device=device).manual_seed(0)
+        allowed = real_tokens(model.cfg.vocab_size, self.tokenizer.vocab_size, device)
         texts = []
         for prompt in self.sample_prompts:
-            ids = torch.tensor([self.tokenizer.encode(prompt)], device=device)
+            ids = torch.tensor([document_prompt(self.tokenizer, prompt)], device=device)
             out = [int(t) for t in generate(model, ids, self.sample_tokens, temperature=0.8, top_k=50,
-                                            eos_id=self.tokenizer.eos_id, generator=g)]
-            texts.append(prompt + self.tokenizer.decode(out))
+                                            eos_id=self.tokenizer.eos_id, generator=g, allowed=allowed)]
+            texts.append(prompt + self.tokenizer.decode(until_eos(out, self.tokenizer.eos_id)))
         text = "\n\n---\n\n".join(texts)
         out_dir = run_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,11 @@ import sys
 import torch
 
 from llm.config import LLMRunConfig
-from llm.generate import generate
+from llm.generate import generate, real_tokens
 from llm.model import Decoder
+from llm.task import document_prompt
 from llm.tokenizer import load_tokenizer
-from shared.checkpoint import load_weights, resolve_checkpoint
+from shared.checkpoint import EMA_FILE, load_weights, resolve_checkpoint
 from shared.config import from_dict, load_toml
 from shared.errors import UserError, run_main
 from shared.run import find_run_dir
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step (slow; for checking)")
+    p.add_argument("--no_ema", action="store_true", help="the trained weights instead of their EMA (default: EMA when the run kept it)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
@@ -44,22 +46,27 @@ def main() -> None:
     tok = load_tokenizer(str(run_dir / "tokenizer.json"))
     device = pick_device(args.device)
     model = Decoder(cfg.model, cfg.data.seq_len)
-    load_weights(model, ckpt)
+    ema = not args.no_ema and (ckpt / EMA_FILE).is_file()  # what the run's own evaluations used
+    load_weights(model, ckpt, ema=ema)
     model.to(device).eval()
-    ids = tok.encode(args.prompt)
-    if not ids:
+    if not tok.encode(args.prompt):
         raise UserError("the prompt is empty after tokenisation")
+    ids = document_prompt(tok, args.prompt)
     if len(ids) >= cfg.data.seq_len:
         raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.data.seq_len}")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    print(f"# {ckpt} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})", file=sys.stderr)
+    allowed = real_tokens(cfg.model.vocab_size, tok.vocab_size, device)
+    print(f"# {ckpt} ({'EMA' if ema else 'trained'} weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, {device})", file=sys.stderr)
     for n in range(args.num_samples):
         prompt = torch.tensor([ids], device=device)
         sys.stdout.write(args.prompt)
         produced: list[int] = []
         printed = ""
         for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          use_cache=not args.no_cache, eos_id=tok.eos_id, generator=g):
+                          use_cache=not args.no_cache, eos_id=tok.eos_id, generator=g, allowed=allowed):
+            if int(t) == tok.eos_id:
+                break
             produced.append(int(t))
             text = tok.decode(produced)  # decode the whole tail: a byte-level token may be half a character
             if not text.endswith("\ufffd"):

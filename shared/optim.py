@@ -82,26 +82,34 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list
     return opts
 
 
+def warmup_steps(total_steps: int, cfg: OptimConfig) -> int:
+    """The warm-up in force: at most half the run, so a short run (the 8M-token speedrun of a preset
+    whose warm-up was set for longer ones) still trains at its full rate before it decays."""
+    return min(cfg.warmup_steps, total_steps // 2)
+
+
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier on the base learning rate for optimiser step `step` (0-based).
 
-    Warmup is linear and reaches (step + 1) / warmup_steps, so the first step never runs at 0.
+    Warmup is linear and reaches (step + 1) / warmup, so the first step never runs at 0. The
+    warm-up and the decay never overlap into a jump: where they meet, the lower ramp wins.
     """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warm = warmup_steps(total_steps, cfg)
+    ramp = (step + 1) / warm if step < warm else 1.0
     if cfg.schedule == "constant":
-        return 1.0
+        return ramp
     floor = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if step < warm:
+            return ramp
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: hold, then decay linearly over the last cooldown_frac of all steps
     cooldown = int(round(cfg.cooldown_frac * total_steps))
     start = total_steps - cooldown
     if cooldown == 0 or step < start:
-        return 1.0
-    return floor + (1 - floor) * max(0.0, (total_steps - step) / cooldown)
+        return ramp
+    return min(ramp, floor + (1 - floor) * max(0.0, (total_steps - step) / cooldown))
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:

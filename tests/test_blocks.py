@@ -2,7 +2,7 @@
 
 import torch
 
-from llm.generate import generate
+from llm.generate import generate, real_tokens
 from llm.model import Decoder, DecoderConfig
 from shared.blocks import Attention, apply_rope, rope_1d, rope_2d
 
@@ -99,6 +99,33 @@ def test_cached_greedy_decoding_equals_uncached():
     cached = torch.stack(list(generate(model, prompt, 20, temperature=0, use_cache=True)), 1)
     plain = torch.stack(list(generate(model, prompt, 20, temperature=0, use_cache=False)), 1)
     assert torch.equal(cached, plain)
+
+
+def test_generation_stops_per_row_and_never_samples_padded_rows():
+    model = tiny_decoder()
+    vocab = model.cfg.vocab_size
+    eos, real = 5, vocab - 10  # the last 10 rows stand for the padding a tokenizer never produces
+    bias = torch.zeros(vocab)
+    bias[real:] = 50.0  # unmasked, every step would draw a padded row
+    model.register_forward_hook(lambda m, i, out: out + bias)
+    prompt = torch.randint(0, real, (2, 4))
+    allowed = real_tokens(vocab, real)
+    for temperature in (0.0, 1.0):
+        steps = torch.stack(list(generate(model, prompt, 12, temperature=temperature, allowed=allowed,
+                                          generator=torch.Generator().manual_seed(0))), 1)
+        assert steps.shape == (2, 12) and (steps < real).all()
+    bias[real:] = 0.0
+
+    def push(m, i, out):  # row 0 ends with its first token, then would go on writing token 7; row 1 never ends
+        extra = torch.zeros_like(out)
+        extra[0, :, eos if out.shape[1] > 1 else 7] = 100.0
+        extra[1, :, eos] = -100.0
+        return out + extra
+
+    model.register_forward_hook(push)
+    steps = torch.stack(list(generate(model, torch.randint(0, real, (2, 4)), 6, temperature=0, eos_id=eos,
+                                      allowed=allowed)), 1)
+    assert steps.shape == (2, 6) and (steps[0] == eos).all() and (steps[1] != eos).all()
 
 
 def test_cache_chunked_prefill_matches_full_forward():

@@ -60,6 +60,7 @@ def test_train_resume_generate_and_corrupt_checkpoint(tmp_path):
 
     gen = run_script("generate_llm.py", "--checkpoint", str(run), "--max_new_tokens", "5", "--temperature", "0", cwd=tmp_path)
     assert gen.returncode == 0 and gen.stdout.startswith("Once upon a time"), gen.stderr
+    assert "trained weights" in gen.stderr  # this run kept no EMA; one that did is sampled with it
 
     # the same cache folder with another tokenizer is refused
     cache = tmp_path / "explicit-cache"

@@ -1,5 +1,7 @@
 """The Muon + AdamW split, Muon itself, and the learning-rate schedules."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +94,23 @@ def test_schedules_warm_up_from_a_nonzero_first_step(schedule):
     else:
         assert lrs[-1] < 0.2 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert min(lrs) > 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+@pytest.mark.parametrize("total", [3, 7, 30, 62, 122])
+def test_short_runs_warm_up_then_decay_without_a_jump(schedule, total):
+    # the 88M preset at 8M tokens: 62 steps, warm-up 50, cool-down over the last 30%
+    cfg = OptimConfig(schedule=schedule, warmup_steps=50, cooldown_frac=0.3, min_lr_ratio=0.0)
+    lrs = [lr_multiplier(s, total, cfg) for s in range(total)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1.0)  # the run reaches its full rate (warm-up is at most half of it)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises to the peak ...
+    if schedule != "constant":
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then only falls
+    # no jump: no step changes the rate by more than the steeper of the two ramps does
+    warm, cooldown = max(1, min(50, total // 2)), max(1, round(0.3 * total))
+    slope = max(1 / warm, 1 / cooldown, math.pi / 2 / max(1, total - warm))
+    assert all(x > 0 for x in lrs) and all(abs(a - b) <= slope + 1e-9 for a, b in zip(lrs, lrs[1:])), lrs
 
 
 def test_no_warmup_still_starts_at_full_rate():
