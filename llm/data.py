@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from shared.cache import cache_root
+from shared.epochs import EpochOrder
 from shared.errors import ConfigError, UserError
 from shared.hub import require_hub
 
@@ -289,32 +290,23 @@ class PackedBatches:
             raise UserError(f"the training split has {len(tokens):,} tokens: fewer than one batch of {batch_size} "
                             f"rows of {seq_len + 1}; lower train.batch_size or data.seq_len, or use more data")
         self.units_per_batch = batch_size * seq_len
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_rows, generator=g)
+        self.order = EpochOrder(self.n_rows, batch_size, seed, what="rows")
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cursor + self.batch_size > self.n_rows:
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        rows = self._order[self.cursor:self.cursor + self.batch_size].numpy()
-        self.cursor += self.batch_size
-        starts = rows * self.seq_len
+        rows, _ = self.order.next()
+        starts = rows.numpy() * self.seq_len
         chunk = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1], chunk[:, 1:]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_rows": self.n_rows}
+    def state_dict(self) -> dict:  # the keys checkpoints have always held
+        s = self.order.state_dict()
+        return {"epoch": s["epoch"], "cursor": s["cursor"], "seed": s["seed"], "n_rows": s["n"]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n_rows"] != self.n_rows or state["seed"] != self.seed:
+        if state["n_rows"] != self.n_rows or state["seed"] != self.order.seed:
             raise UserError("the checkpoint's data position does not fit this data (different data, seq_len or seed)")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
+        self.order.load_state_dict({**state, "n": state["n_rows"]})
 
 
 def validation_rows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> torch.Tensor:

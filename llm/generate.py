@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 
 from .model import Decoder
+from .tokenizer import TextTokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -32,6 +33,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 # What a forbidden token's logit becomes: finite, so that no later arithmetic (a guidance mix,
 # a temperature) can meet -inf - -inf = NaN, and still far below any real logit.
 FORBIDDEN = -1e9
+
+
+def document_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """A prompt as the start of a document: training documents follow an end-of-text token."""
+    return [tokenizer.eos_id, *tokenizer.encode(text)]
+
+
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """The tokens before the first eos_id (all of them when there is none)."""
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def real_tokens(vocab_rows: int, tokenizer_size: int, device=None) -> torch.Tensor:

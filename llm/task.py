@@ -10,18 +10,9 @@ import torch.nn.functional as F
 
 from shared.metrics import MetricsLogger
 
-from .generate import generate, real_tokens
+from .generate import document_prompt, generate, real_tokens, until_eos
 from .model import Decoder
 from .tokenizer import TextTokenizer
-
-
-def document_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
-    """A prompt as the start of a document: training documents follow an end-of-text token."""
-    return [tokenizer.eos_id, *tokenizer.encode(text)]
-
-
-def until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 class LanguageModelTask:

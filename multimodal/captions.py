@@ -78,9 +78,6 @@ class CaptionTable:
                               f"{max_tokens}: raise it or shorten the templates")
         self.longest = longest
 
-    def all_texts(self) -> list[str]:
-        return [t for row in self.texts for t in row]
-
 
 def class_in_caption(caption: str, names: tuple[str, ...]) -> int | None:
     """The class a caption names: the index of the one class name it contains as whole words, or

@@ -8,7 +8,6 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from shared.errors import ConfigError, UserError
 from shared.images import to_uint8
 
 from .config import check_sampling
@@ -32,10 +31,7 @@ def sampling_settings(run: MultimodalRun, args: argparse.Namespace) -> dict:
     pick = lambda flag, default: default if getattr(args, flag, None) is None else getattr(args, flag)
     out = {"cfg_scale": pick("cfg_scale", s.cfg_scale), "temperature": pick("temperature", s.temperature),
            "top_k": pick("top_k", s.top_k), "top_p": pick("top_p", s.top_p)}
-    try:
-        check_sampling(out["temperature"], out["top_k"], out["top_p"], out["cfg_scale"], where="--")
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    check_sampling(out["temperature"], out["top_k"], out["top_p"], out["cfg_scale"], where="--")
     out["top_k"], note = clamp_top_k(out["top_k"], run.vocab.codebook_size)
     if note:
         print(note)

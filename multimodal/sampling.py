@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.generate import generate, restrict, sample_next
+from llm.generate import generate, restrict, sample_next, until_eos
 
 from .model import MultimodalDecoder
 from .sequences import SequenceLayout
@@ -75,10 +75,8 @@ def write_captions(model: MultimodalDecoder, layout: SequenceLayout, codes: torc
     allowed = vocab.text_mask(model.cfg.vocab_size, banned, device)
     steps = list(generate(model, prompt, layout.max_caption + 1, temperature, top_k, top_p, eos_id=vocab.eos,
                           generator=generator, allowed=allowed))
-    out = []
-    for row in torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(codes))]:
-        out.append(row[:row.index(vocab.eos)] if vocab.eos in row else row)
-    return out
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(codes))]
+    return [until_eos(row, vocab.eos) for row in rows]
 
 
 @torch.no_grad()

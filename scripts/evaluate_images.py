@@ -19,8 +19,7 @@ import argparse
 
 import torch
 
-from flow_matching.generate import add_solver_args
-from flow_matching.generate import generate as generate_flow
+from flow_matching.generate import add_solver_args, generate as generate_flow
 from flow_matching.load import load_model
 from multimodal.generate import add_sampling_args, class_prompts, generate_images, sampling_settings
 from multimodal.load import is_multimodal_run, load_run

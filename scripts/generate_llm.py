@@ -12,9 +12,8 @@ import sys
 import torch
 
 from llm.config import LLMRunConfig
-from llm.generate import generate, real_tokens
+from llm.generate import document_prompt, generate, real_tokens
 from llm.model import Decoder
-from llm.task import document_prompt
 from llm.tokenizer import load_tokenizer
 from shared.checkpoint import EMA_FILE, load_weights, resolve_checkpoint
 from shared.config import from_dict, load_toml

@@ -20,7 +20,7 @@ import torch
 from multimodal.config import check_sampling
 from multimodal.generate import add_sampling_args, caption_codes, class_prompts, generate_images, sampling_settings
 from multimodal.load import load_run
-from shared.errors import ConfigError, UserError, run_main
+from shared.errors import UserError, run_main
 from shared.grid import class_grid
 from shared.images import grid_shape, image_grid, read_image_files, save_png
 from shared.trainer import pick_device
@@ -32,10 +32,7 @@ def caption_settings(args: argparse.Namespace) -> dict:
         raise UserError("--cfg_scale guides image generation; captions are written without guidance")
     out = {"temperature": 0.0 if args.temperature is None else args.temperature,
            "top_k": args.top_k or 0, "top_p": 1.0 if args.top_p is None else args.top_p}
-    try:
-        check_sampling(out["temperature"], out["top_k"], out["top_p"], 1.0, where="--")
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    check_sampling(out["temperature"], out["top_k"], out["top_p"], 1.0, where="--")
     if out["temperature"] == 0 and (args.top_k is not None or args.top_p is not None or args.seed is not None):
         raise UserError("captions are greedy by default: --top_k, --top_p and --seed need --temperature above 0")
     return out

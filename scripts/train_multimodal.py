@@ -30,8 +30,8 @@ from shared.cache import cache_root
 from shared.config import load_config
 from shared.errors import ConfigError, UserError, run_main
 from shared.images import load_images, save_classes
-from shared.run import add_common_args, describe_training, refuse_finished, report, resolve_run, save_config
-from shared.trainer import Trainer, count_params, pick_device
+from shared.run import add_common_args, describe_training, report, resolve_run, save_config
+from shared.trainer import Trainer, count_params, pick_device, refuse_finished
 from vqvae.tokenizer import VQTokenizer
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     if not cfg.data.vqvae:
         raise UserError("no VQ-VAE given: pass --vqvae RUN (a run of scripts/train_vqvae.py) or set data.vqvae")
     cfg.data.vqvae = str(Path(cfg.data.vqvae).resolve())  # the run is read later from other folders
-    refuse_finished(resume, run_dir, cfg.train.budget, cfg.train.batch_size * cfg.train.grad_accum, "images")
+    refuse_finished(resume, run_dir, cfg.train.budget, "images")
     device = pick_device(cfg.train.device)
     vq = VQTokenizer.from_run(cfg.data.vqvae, device=device)
 

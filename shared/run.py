@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
-from .checkpoint import LATEST, load_state, resolve_checkpoint
+from .checkpoint import LATEST, resolve_checkpoint
 from .config import apply_overrides, dump_toml, from_dict, load_toml, to_dict
 from .errors import UserError
 
@@ -96,13 +96,3 @@ def print_results(result: dict, output: str | None) -> None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {output}")
-
-
-def refuse_finished(resume: Path | None, run_dir: Path, budget: int, units_per_step: int, unit: str) -> None:
-    """Refuse, before any expensive preparation, to resume a run that already reached its budget
-    (the trainer checks again; this only saves the wait)."""
-    if resume is None:
-        return
-    done = int(load_state(resume)["step"]) * units_per_step
-    if done >= budget:
-        raise UserError(f"{run_dir} already reached its budget ({done:,} {unit}); raise train.budget to continue it")

@@ -234,10 +234,8 @@ class Trainer:
         cfg, unit = self.cfg, self.task.unit
         torch.manual_seed(cfg.seed)
         if resume_from is not None:
+            refuse_finished(resume_from, self.run_dir, cfg.budget, unit)  # before the run folder is rewritten
             self._restore(resume_from)
-            if self.step >= self.total_steps:  # before anything in the run folder is rewritten
-                raise UserError(f"{self.run_dir} already reached its budget ({self.step * self.units_per_step:,} {unit}); "
-                                "raise train.budget to continue it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if on_start is not None:
             on_start()
@@ -319,6 +317,17 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", x_key="units", x_label=unit)
         return summary
+
+
+def refuse_finished(resume: Path | None, run_dir: Path, budget: int, unit: str) -> None:
+    """Refuse to resume a run that already reached its budget. Scripts may call it early, before
+    expensive preparation (encoding a data set); the trainer calls it on every resume."""
+    if resume is None:
+        return
+    state = load_state(resume)
+    done = int(state["step"]) * int(state["units_per_step"])
+    if done >= budget:
+        raise UserError(f"{run_dir} already reached its budget ({done:,} {unit}); raise train.budget to continue it")
 
 
 class _stop_on_interrupt:
