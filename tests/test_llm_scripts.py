@@ -53,7 +53,7 @@ def test_train_resume_generate_and_corrupt_checkpoint(tmp_path):
     finished = run_script("train_llm.py", "--experiment_name", "tiny", "--resume", cwd=tmp_path)
     assert_one_line_error(finished, "already reached its budget")
     misfit = run_script("train_llm.py", "--config", DEBUG, "--experiment_name", "tiny", "--resume", *TINY,
-                        "model.d_model=64", cwd=tmp_path)
+                        "train.budget=2048", "model.d_model=64", cwd=tmp_path)
     assert_one_line_error(misfit, "does not fit this model")
     assert json.loads((run / "summary.json").read_text()) == summary  # neither rewrote the run folder
     assert (run / "config.toml").read_text() == config
@@ -73,7 +73,7 @@ def test_train_resume_generate_and_corrupt_checkpoint(tmp_path):
     (next((run / "checkpoints").glob("step_*")) / "model.safetensors").write_bytes(b"not a safetensors file")
     gen = run_script("generate_llm.py", "--checkpoint", str(run), cwd=tmp_path)
     assert_one_line_error(gen, "corrupt")
-    resumed = run_script("train_llm.py", "--experiment_name", "tiny", "--resume", cwd=tmp_path)
+    resumed = run_script("train_llm.py", "--experiment_name", "tiny", "--resume", "train.budget=2048", cwd=tmp_path)
     assert_one_line_error(resumed, "corrupt")
 
 
