@@ -1,14 +1,21 @@
 """Training throughput of an LLM preset: tokens/s for forward + backward + optimiser steps of the
-shared trainer, and model FLOPs utilisation on a GPU. Prints one JSON object.
+shared trainer, model FLOPs utilisation on a GPU, and peak memory. Prints one JSON object.
 
-    python benchmarks/llm_throughput.py --preset blueberry-88m --batch_size 16 --seq_len 2048 --compile
+    python benchmarks/llm_throughput.py --preset blueberry-88m --compile
+    python benchmarks/llm_throughput.py --preset blueberry-88m --compile --loss_chunk 0   # full fp32 logits
     python benchmarks/llm_throughput.py --preset debug --steps 10          # a CPU smoke run
+
+FLOPs per token (llm.model.matmul_flops_per_token): 6 x every matmul weight, the output layer
+included and the embedding lookup not, plus 12 x layers x width x sequence for attention (PaLM's
+accounting; the causal half is not subtracted). MFU = tokens/s x that / the GPU's dense bf16 peak.
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak resident set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -35,7 +42,8 @@ class RandomTokens:
         self.g = torch.Generator().manual_seed(0)
 
     def next_batch(self):
-        x = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.g)
+        x = torch.randint(1, self.vocab, (self.batch, self.seq + 1), generator=self.g)
+        x[torch.rand(x.shape, generator=self.g) < 1 / 500] = 0  # id 0 stands for EOS: documents of ~500 tokens
         return x[:, :-1], x[:, 1:]
 
     def state_dict(self):
@@ -63,12 +71,15 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--loss_chunk", type=int, help="tokens per output-layer chunk (default: the preset's; 0 = full logits)")
+    p.add_argument("--doc_mask", action="store_true", help="attention inside documents (a synthetic EOS every ~500 tokens)")
     args = p.parse_args()
     path = Path(args.preset) if args.preset.endswith(".toml") else ROOT / "configs" / "llm" / f"{args.preset}.toml"
     overrides = [f"model.vocab_size={args.vocab_size}", f"train.compile={str(args.compile).lower()}",
                  f"train.precision=\"{args.precision}\"", f"train.device=\"{args.device}\"", "train.grad_accum=1"]
     overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += [f"data.seq_len={args.seq_len}"] if args.seq_len else []
+    overrides += [f"model.loss_chunk={args.loss_chunk}"] if args.loss_chunk is not None else []
     cfg = load_config(LLMRunConfig, path, overrides)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
@@ -76,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Decoder(cfg.model, seq)
     cfg.train.budget = (args.steps + args.warmup) * batch * seq
-    task = LanguageModelTask(torch.zeros(1, seq + 1, dtype=torch.long), tokenizer=None)
+    task = LanguageModelTask(torch.zeros(1, seq + 1, dtype=torch.long), tokenizer=None, doc_mask=args.doc_mask, eos_id=0)
     trainer = Trainer(model, task, RandomTokens(cfg.model.vocab_size, batch, seq), cfg.train, cfg.optim,
                       run_dir=Path("/dev/null"), quiet=True)
     for _ in range(args.warmup):
@@ -94,7 +105,7 @@ def main() -> None:
     result = {
         "preset": path.stem, "params": count_params(model), "batch_size": batch, "seq_len": seq,
         "vocab_size": cfg.model.vocab_size, "precision": str(trainer.dtype).removeprefix("torch."),
-        "compile": args.compile, "steps": args.steps, "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_s, 1),
+        "compile": args.compile, "loss_chunk": cfg.model.loss_chunk, "doc_mask": args.doc_mask, "steps": args.steps, "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_s, 1),
         "model_flops_per_token": flops_per_token, "achieved_tflops": round(tokens_per_s * flops_per_token / 1e12, 3),
         "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
         "peak_tflops_assumed": peak / 1e12 if peak else None,
@@ -102,6 +113,8 @@ def main() -> None:
     }
     if trainer.device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:  # ru_maxrss is in KiB on Linux
+        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(result, indent=2))
 
 

@@ -1,10 +1,5 @@
-"""Text data: documents from the Hub, local files or the built-in corpus; tokenised once into a
-memory-mapped cache with document boundaries; split by document; packed into fixed-length rows.
-
-Data specs (`data.source` or `--data`):
-  builtin                      the generated offline corpus (llm/corpus.py)
-  hf:OWNER/NAME[:CONFIG]       a Hugging Face dataset, streamed (e.g. hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2)
-  PATH                         a .txt / .jsonl / .parquet file, or a folder of them (searched recursively)
+"""Text data: documents streamed from a source (llm/sources.py), split by document, tokenised once
+into a memory-mapped cache in bounded memory, and packed into fixed-length rows.
 """
 
 from __future__ import annotations
@@ -13,8 +8,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,14 +20,13 @@ import torch
 from shared.cache import cache_root
 from shared.epochs import EpochOrder
 from shared.errors import ConfigError, UserError
-from shared.hub import require_hub
 
-from .corpus import generate_corpus
+from .sources import describe_source, is_validation, iter_pieces, source_identity, training_text
 from .tokenizer import TextTokenizer, load_tokenizer
 
-CACHE_VERSION = 2
-SUFFIXES = (".txt", ".jsonl", ".parquet")
-OFFLINE_OPTIONS = "use --data builtin (generated offline corpus) or --data PATH (a .txt/.jsonl/.parquet file or folder)"
+CACHE_VERSION = 3
+FLUSH_CHARS = 1 << 20  # training text tokenised per batch: bounds memory, keeps the tokenizer's threads busy
+BPE_CHARS = 50_000_000  # a trained BPE learns from the first this-much training text, whatever the budget
 
 
 @dataclass
@@ -38,10 +35,11 @@ class TextDataConfig:
     tokenizer: str = "bpe:4096"
     seq_len: int = 256
     val_fraction: float = 0.02  # of documents, chosen by a hash of their text: fixed across runs
-    val_tokens: int = 131_072  # evaluation uses the first this-many validation tokens
-    max_tokens: int = 0  # stop reading the source after about this many tokens; 0 = all of it
+    val_tokens: int = 131_072  # validation documents are collected up to this many tokens; evaluation uses these
+    max_tokens: int = 0  # training tokens to read (and train on) at most; 0 = the whole source
     text_field: str = "text"
     builtin_docs: int = 6000
+    doc_mask: bool = False  # attention stays inside each document of a packed row
     cache_dir: str = ""  # "" = an automatic folder under $BLUEBERRY_CACHE (default .cache/blueberry)
 
     def __post_init__(self):
@@ -49,6 +47,8 @@ class TextDataConfig:
             raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_tokens < 1 or self.max_tokens < 0:
+            raise ConfigError("data.val_tokens must be positive and data.max_tokens non-negative")
 
 
 def _key(*parts: object) -> str:
@@ -59,139 +59,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:] or "data"
 
 
-# ---------------------------------------------------------------------------------- documents
-
-
-def _read_file(path: Path, field: str) -> list[str]:
-    try:
-        return _parse_file(path, field)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:  # unreadable, or pyarrow's ArrowInvalid for a damaged parquet file
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def _parse_file(path: Path, field: str) -> list[str]:
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)[field])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{i + 1} is not a JSON object with a {field!r} field") from None
-        return docs
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except pa.ArrowException as e:
-        raise UserError(f"{path} is not a readable parquet file: {e}") from None
-    if field not in table.column_names:
-        raise UserError(f"{path} has no column {field!r} (columns: {', '.join(table.column_names)})")
-    return [t for t in table.column(field).to_pylist() if t]
-
-
-def _local_documents(path: Path, field: str, max_chars: int) -> list[str]:
-    if path.is_file():
-        if path.suffix not in SUFFIXES:
-            raise UserError(f"{path}: unsupported file type; use {', '.join(SUFFIXES)}")
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-        if not files:
-            raise UserError(f"no {'/'.join(SUFFIXES)} files under {path}")
-    docs, chars = [], 0
-    for f in files:
-        for d in _read_file(f, field):
-            docs.append(d)
-            chars += len(d)
-            if max_chars and chars >= max_chars:
-                return docs
-    return docs
-
-
-def _hub_documents(spec: str, field: str, max_chars: int, val_chars: int, val_fraction: float) -> list[str]:
-    """Stream documents until the training side has max_chars and the validation side val_chars.
-
-    Validation documents are picked by hash in stream order, so the first val_chars of them are
-    the same whatever the training budget: runs with different --train_tokens evaluate alike."""
-    name, _, config = spec.partition(":")
-    if not max_chars:
-        raise UserError(f"streaming {spec!r} needs a limit: set data.max_tokens (the script sets it from --train_tokens)")
-    require_hub(f"dataset {name!r}", OFFLINE_OPTIONS)
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        docs, chars = [], {True: 0, False: 0}
-        for row in ds:
-            docs.append(row[field])
-            chars[is_validation(row[field], val_fraction)] += len(row[field])
-            if chars[False] >= max_chars and chars[True] >= val_chars:
-                break
-    except KeyError:
-        raise UserError(f"dataset {name!r} has no {field!r} field; set data.text_field") from None
-    except Exception as e:  # connection failures come wrapped in several exception types
-        raise UserError(f"could not stream {name!r} from the Hugging Face Hub ({type(e).__name__}); "
-                        f"offline? {OFFLINE_OPTIONS}") from None
-    return docs
-
-
-def load_documents(cfg: TextDataConfig) -> tuple[list[str], str]:
-    """All documents of the source (up to about max_tokens) and a one-line description."""
-    max_chars = cfg.max_tokens * 5  # a generous chars-per-token bound; tokens are trimmed later
-    if cfg.source == "builtin":
-        return generate_corpus(cfg.builtin_docs), f"built-in generated corpus ({cfg.builtin_docs} documents)"
-    if cfg.source.startswith("hf:"):
-        docs = _hub_documents(cfg.source[3:], cfg.text_field, max_chars, cfg.val_tokens * 6, cfg.val_fraction)
-        return docs, f"Hugging Face dataset {cfg.source[3:]} ({len(docs)} documents streamed)"
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
-        raise UserError(f"data path not found: {path} ({OFFLINE_OPTIONS.replace('use ', 'or use ')})")
-    docs = _local_documents(path, cfg.text_field, max_chars)
-    return docs, f"local files at {path} ({len(docs)} documents)"
-
-
-def is_validation(doc: str, fraction: float) -> bool:
-    """Documents go to validation by a hash of their text: no document is in both splits and the
-    split does not depend on file order, the seed, or how much of the source was read."""
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest(), "big")
-    return h / 2**64 < fraction
-
-
-def split_documents(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    flags = [is_validation(d, fraction) for d in docs]
-    train = [d for d, v in zip(docs, flags) if not v]
-    val = [d for d, v in zip(docs, flags) if v]
-    if not val and len(train) > 1:  # tiny sources: the document with the smallest hash validates
-        i = min(range(len(docs)), key=lambda j: hashlib.blake2b(docs[j].encode("utf-8", "replace")).digest())
-        train, val = [d for j, d in enumerate(docs) if j != i], [docs[i]]
-    if not train or not val:
-        raise UserError(f"need at least two documents to split train from validation, got {len(docs)}")
-    return train, val
-
-
 # ---------------------------------------------------------------------------------- cache
-
-
-def _tokenize_to(path: Path, docs: list[str], tok: TextTokenizer, dtype, limit: int) -> tuple[int, np.ndarray]:
-    """Write tokens of docs, each followed by EOS, to `path`; return count and doc start offsets."""
-    starts, total = [], 0
-    with open(path, "wb") as f:
-        for i in range(0, len(docs), 256):
-            for ids in tok.encode_batch(docs[i:i + 256]):
-                ids.append(tok.eos_id)
-                starts.append(total)
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                total += len(ids)
-                if limit and total >= limit:
-                    return total, np.asarray(starts, dtype=np.int64)
-    return total, np.asarray(starts, dtype=np.int64)
 
 
 @dataclass
@@ -200,77 +68,150 @@ class TokenCache:
     meta: dict
     tokenizer: TextTokenizer
     description: str
+    train_limit: int = 0  # a run reads the first this-many training tokens (0 = all): the same data whatever the cache holds
 
     def tokens(self, split: str) -> np.ndarray:
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
+        n = self.meta[f"{split}_tokens"]  # the file may run past this after an interrupted build
+        if split == "train" and self.train_limit:
+            n = min(n, self.train_limit)
+        return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
 
-    def doc_starts(self, split: str) -> np.ndarray:
-        return np.load(self.dir / f"{split}_docs.npy")
+
+class _Writer:
+    """Appends documents' tokens, each document closed by EOS, to one split's file."""
+
+    def __init__(self, path: Path, tok: TextTokenizer, dtype):
+        self.f, self.tok, self.dtype = open(path, "wb"), tok, dtype
+        self.tokens = self.docs = 0
+        self.pending: list[tuple[str, bool]] = []
+        self.pending_chars = 0
+
+    def add(self, text: str, last: bool, first: bool) -> None:
+        self.docs += first
+        self.pending.append((text, last))
+        self.pending_chars += len(text)
+        if self.pending_chars >= FLUSH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        for (_, last), ids in zip(self.pending, self.tok.encode_batch_ids([t for t, _ in self.pending])):
+            if last:
+                ids.append(self.tok.eos_id)
+            self.f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+            self.tokens += len(ids)
+        self.pending, self.pending_chars = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
 
 
-def _check_meta(meta: dict, where: Path, tok: TextTokenizer, cfg: TextDataConfig, source_key: str) -> None:
+def _build(tmp: Path, cfg: TextDataConfig, tok: TextTokenizer, need: int, log: Callable) -> dict:
+    """Stream the source once into tmp/{train,val}.bin. Validation documents (by hash) are kept
+    until val_tokens are collected, later ones are dropped (never trained on); training documents
+    until `need` tokens (0 = all). Reading stops at the first document boundary where both are met."""
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    out = {s: _Writer(tmp / f"{s}.bin", tok, dtype) for s in ("train", "val")}
+    val_target, skipped, chars, complete = cfg.val_tokens + 1, 0, 0, True
+    side: _Writer | None = None
+    last_log = time.monotonic()
+    for text, first, last in iter_pieces(cfg.source, cfg.text_field, cfg.builtin_docs):
+        if first:
+            if need and out["train"].tokens + out["train"].pending_chars // 2 >= need:
+                out["train"].flush()  # near the budget: count exactly
+            train_full = need and out["train"].tokens >= need
+            if train_full and out["val"].tokens >= val_target:
+                complete = False
+                break
+            if is_validation(text, cfg.val_fraction):
+                side = out["val"] if out["val"].tokens < val_target else None
+            else:
+                side = None if train_full else out["train"]
+            skipped += side is None
+        if side is not None:
+            side.add(text, last, first)
+            if side is out["val"]:
+                side.flush()  # exact validation counts: the quota decides which documents validate
+        chars += len(text)
+        if time.monotonic() - last_log > 15:
+            log(f"  read {chars / 1e6:,.0f}M characters: {out['train'].tokens:,} training, {out['val'].tokens:,} "
+                "validation tokens so far")
+            last_log = time.monotonic()
+    for w in out.values():
+        w.close()
+    if out["val"].docs == 0 or out["train"].docs == 0:
+        raise UserError(f"{cfg.source}: {out['train'].docs} training and {out['val'].docs} validation documents; "
+                        "need at least one of each (raise data.val_fraction, or use more documents)")
+    return {"dtype": np.dtype(dtype).name, "complete": complete, "skipped_docs": skipped, "chars_read": chars,
+            **{f"{s}_tokens": w.tokens for s, w in out.items()}, **{f"{s}_docs": w.docs for s, w in out.items()}}
+
+
+def _check_meta(meta: dict, where: Path, tok: TextTokenizer, identity_key: str) -> None:
     if meta.get("version") != CACHE_VERSION:
         raise UserError(f"token cache {where} has format version {meta.get('version')}, expected {CACHE_VERSION}: delete it")
     if meta["tokenizer_fingerprint"] != tok.fingerprint:
         raise UserError(f"token cache {where} was built with tokenizer {meta['tokenizer']!r} "
                         f"({meta['tokenizer_fingerprint']}), this run uses {tok.spec!r} ({tok.fingerprint}): "
                         "delete the cache or choose another data.cache_dir")
-    if meta["seq_len"] != cfg.seq_len:
-        raise UserError(f"token cache {where} was built for seq_len {meta['seq_len']}, this run uses {cfg.seq_len}: "
-                        "delete the cache or choose another data.cache_dir")
-    if meta["source"] != cfg.source:
-        raise UserError(f"token cache {where} holds {meta['source']!r}, this run reads {cfg.source!r}")
-    if meta["source_key"] != source_key:
-        raise UserError(f"token cache {where} was built with other data settings (max_tokens, val_fraction, text_field "
-                        "or builtin_docs): delete the cache or choose another data.cache_dir")
+    if meta["identity_key"] != identity_key:
+        raise UserError(f"token cache {where} was read from other data ({meta['identity']['source']!r}; changed files, "
+                        "text_field, val_fraction or val_tokens): delete the cache or choose another data.cache_dir")
 
 
-def prepare_data(cfg: TextDataConfig, log=print) -> TokenCache:
-    """Tokenizer and token cache for a config, building them once."""
+def _print(*args) -> None:
+    print(*args, flush=True)
+
+
+def prepare_data(cfg: TextDataConfig, log: Callable = _print) -> TokenCache:
+    """Tokenizer and token cache for a config, building them once.
+
+    The cache is named by what was read (source, local files' sizes and times, split settings) and
+    the tokenizer, not by seq_len or the budget: a cache read for 1B tokens serves an 8M run (which
+    uses its first max_tokens), and one too short for a run is read again, further."""
     root = cache_root()
-    source_key = _key(cfg.source, cfg.text_field, cfg.max_tokens, cfg.val_fraction,
-                      cfg.builtin_docs if cfg.source == "builtin" else None)
-    explicit = Path(cfg.cache_dir) if cfg.cache_dir else None
-    docs: dict = {}
-
-    def documents() -> tuple[list[str], list[str], str]:
-        if not docs:
-            all_docs, desc = load_documents(cfg)
-            docs["train"], docs["val"] = split_documents(all_docs, cfg.val_fraction)
-            docs["desc"] = desc
-        return docs["train"], docs["val"], docs["desc"]
-
-    tok = load_tokenizer(cfg.tokenizer, lambda: documents()[0], root / "tokenizers", source_key)
-    where = explicit or root / "tokens" / f"{_slug(cfg.source)}-{_key(source_key, tok.fingerprint, cfg.seq_len)}"
+    identity = source_identity(cfg.source, cfg.text_field, cfg.builtin_docs)
+    identity_key = _key(identity, cfg.val_fraction, cfg.val_tokens)
+    need = cfg.max_tokens
+    tok = load_tokenizer(cfg.tokenizer, lambda: training_text(cfg.source, cfg.text_field, cfg.builtin_docs,
+                                                              cfg.val_fraction, BPE_CHARS),
+                         root / "tokenizers", identity_key)
+    where = Path(cfg.cache_dir) if cfg.cache_dir else root / "tokens" / f"{_slug(cfg.source)}-{_key(identity_key, tok.fingerprint)}"
+    desc = describe_source(cfg.source, cfg.builtin_docs)
     meta_path = where / "meta.json"
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             raise UserError(f"{meta_path} is corrupt: delete {where} and rerun") from None
-        _check_meta(meta, where, tok, cfg, source_key)
-        return TokenCache(where, meta, tok, meta["description"] + f" [token cache {where}]")
+        _check_meta(meta, where, tok, identity_key)
+        if meta["complete"] or (need and meta["train_tokens"] >= need):
+            return TokenCache(where, meta, tok, f"{desc} [token cache {where}]", need)
+        log(f"the token cache {where} holds {meta['train_tokens']:,} training tokens, this run reads {need:,}: "
+            "reading the source again, further")
+    elif where.exists() and any(where.iterdir()):
+        raise UserError(f"{where} exists but has no meta.json (not a token cache, or an interrupted build): delete it and rerun")
 
-    train, val, desc = documents()
-    log(f"tokenising {len(train) + len(val)} documents with {tok.spec} into {where} ...")
+    log(f"tokenising {desc} with {tok.spec} into {where}"
+        + (f" (until {need:,} training tokens)" if need else "") + " ...")
+    stream_for_val = cfg.val_tokens / cfg.val_fraction
+    if need and stream_for_val > 1.5 * need:
+        log(f"note: {cfg.val_tokens:,} validation tokens at val_fraction {cfg.val_fraction:g} take about "
+            f"{stream_for_val:,.0f} tokens of stream, well past the {need:,} this run trains on; raise "
+            "data.val_fraction or lower data.val_tokens to read less")
     tmp = where.with_name(where.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    n_train, train_starts = _tokenize_to(tmp / "train.bin", train, tok, dtype, cfg.max_tokens)
-    n_val, val_starts = _tokenize_to(tmp / "val.bin", val, tok, dtype, 0)
-    np.save(tmp / "train_docs.npy", train_starts)
-    np.save(tmp / "val_docs.npy", val_starts)
-    tok.save(tmp / "tokenizer.json")
-    meta = {"version": CACHE_VERSION, "source": cfg.source, "source_key": source_key, "description": desc, "tokenizer": tok.spec,
+    meta = {"version": CACHE_VERSION, "identity": identity, "identity_key": identity_key, "tokenizer": tok.spec,
             "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "seq_len": cfg.seq_len, "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
-            "train_docs": len(train_starts), "val_docs": len(val_starts)}
+            **_build(tmp, cfg, tok, need, log)}
+    tok.save(tmp / "tokenizer.json")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if where.exists():
-        raise UserError(f"{where} exists but has no meta.json (an interrupted build?): delete it and rerun")
+    shutil.rmtree(where, ignore_errors=True)  # a shorter cache of the same data, or an empty folder
     where.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, where)
-    return TokenCache(where, meta, tok, desc + f" [token cache {where}]")
+    return TokenCache(where, meta, tok, f"{desc} [token cache {where}]", need)
 
 
 # ---------------------------------------------------------------------------------- batches

@@ -15,32 +15,47 @@ from .model import Decoder
 from .tokenizer import TextTokenizer
 
 
+EVAL_CHUNK = 4096  # tokens whose logits exist at once during evaluation
+
+
 class LanguageModelTask:
     unit = "tokens"
 
     def __init__(self, val_rows: torch.Tensor, tokenizer: TextTokenizer, eval_batch_size: int = 16,
-                 sample_prompts: tuple[str, ...] = ("Once upon a time",), sample_tokens: int = 64):
+                 sample_prompts: tuple[str, ...] = ("Once upon a time",), sample_tokens: int = 64,
+                 doc_mask: bool = False, eos_id: int | None = None):
         self.val_rows, self.tokenizer = val_rows, tokenizer
         self.eval_batch_size, self.sample_prompts, self.sample_tokens = eval_batch_size, sample_prompts, sample_tokens
+        self.doc_mask = doc_mask
+        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        if doc_mask and self.eos_id is None:
+            raise ValueError("document masking needs the end-of-text id")
+
+    def doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Document numbers of a packed row: an EOS opens the next document, so it is what the
+        first token of a document sees, as at generation (prompts start after an EOS)."""
+        return (x == self.eos_id).cumsum(1) if self.doc_mask else None
 
     def loss(self, model: Decoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return model(x, targets=y, doc_ids=self.doc_ids(x))
 
     @torch.no_grad()
     def evaluate(self, model: Decoder) -> dict[str, float]:
         """Mean loss, next-token accuracy and perplexity over the fixed validation rows."""
         device = next(model.parameters()).device
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync at the end
+        correct, count = torch.zeros((), dtype=torch.long, device=device), 0
         for i in range(0, len(self.val_rows), self.eval_batch_size):
             rows = self.val_rows[i:i + self.eval_batch_size].to(device)
-            x, y = rows[:, :-1], rows[:, 1:]
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
+            x, y = rows[:, :-1], rows[:, 1:].flatten()
+            h = model.hidden(x, doc_ids=self.doc_ids(x)).flatten(0, 1)
+            for s in range(0, len(h), EVAL_CHUNK):  # one chunk of logits at a time
+                logits = model.lm_head(h[s:s + EVAL_CHUNK]).float()
+                loss_sum += F.cross_entropy(logits, y[s:s + EVAL_CHUNK], reduction="sum")
+                correct += (logits.argmax(-1) == y[s:s + EVAL_CHUNK]).sum()
             count += y.numel()
-        loss = loss_sum / count
+        loss, correct = float(loss_sum) / count, int(correct)
         return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 50.0))}
 
     @torch.no_grad()

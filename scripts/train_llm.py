@@ -34,16 +34,17 @@ def main() -> None:
     cache = prepare_data(cfg.data)
     tok = cache.tokenizer
     print(f"data: {cache.description}")
-    print(f"tokens: {cache.meta['train_tokens']:,} train / {cache.meta['val_tokens']:,} validation "
-          f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents)")
-    if cache.meta["val_tokens"] < 16 * (cfg.data.seq_len + 1):
-        print(f"warning: only {cache.meta['val_tokens']:,} validation tokens, a noisy estimate; raise data.val_fraction")
+    train_tokens, val_tokens = len(cache.tokens("train")), len(cache.tokens("val"))
+    print(f"tokens: {train_tokens:,} train / {val_tokens:,} validation "
+          f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents in the cache)")
+    if val_tokens < 16 * (cfg.data.seq_len + 1):
+        print(f"warning: only {val_tokens:,} validation tokens, a noisy estimate; raise data.val_fraction")
     if cfg.model.vocab_size not in (0, padded_vocab(tok.vocab_size)):
         raise UserError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer needs {padded_vocab(tok.vocab_size)} "
                         "(leave it 0 to follow the tokenizer)")
     cfg.model.vocab_size = padded_vocab(tok.vocab_size)
     print(f"tokenizer: {tok.spec} ({tok.vocab_size:,} tokens, model vocabulary {cfg.model.vocab_size:,})")
-    epochs = cfg.train.budget / max(1, cache.meta["train_tokens"])
+    epochs = cfg.train.budget / max(1, train_tokens)
     if epochs > 1:
         print(f"note: the budget is {epochs:.1f} passes over the training tokens")
 
@@ -56,7 +57,7 @@ def main() -> None:
     data = PackedBatches(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     val = validation_rows(cache.tokens("val"), cfg.data.seq_len, cfg.data.val_tokens)
     task = LanguageModelTask(val, tok, eval_batch_size=cfg.train.batch_size, sample_prompts=cfg.sample.prompts,
-                             sample_tokens=cfg.sample.max_new_tokens)
+                             sample_tokens=cfg.sample.max_new_tokens, doc_mask=cfg.data.doc_mask)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     describe_training(trainer, run_dir, resume)
     summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), tok.save(run_dir / "tokenizer.json")))

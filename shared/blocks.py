@@ -99,6 +99,35 @@ class KVCache:
         return new
 
 
+def document_causal_mask(doc_ids: torch.Tensor, flex: bool | None = None):
+    """Causal attention that stays inside each document of a packed row; doc_ids [B, T] numbers
+    the documents. On a GPU inside torch.compile (or with flex=True) it is a FlexAttention block
+    mask: blocks of other documents are skipped, not computed and masked. Otherwise a dense
+    [B, 1, T, T] boolean mask for scaled_dot_product_attention, the correct slower path (FlexAttention
+    has no backward on the CPU, and uncompiled it materialises the scores)."""
+    b, t = doc_ids.shape
+    if flex is None:
+        flex = doc_ids.is_cuda and torch.compiler.is_compiling()
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(bi, h, q, kv):
+            return (q >= kv) & (doc_ids[bi, q] == doc_ids[bi, kv])
+
+        return create_block_mask(same_document_causal, b, None, t, t, device=doc_ids.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query KV heads, optional QK-norm and RoPE."""
 
@@ -120,7 +149,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask=None) -> torch.Tensor:
+        """`mask` (from `document_causal_mask`) replaces the causal rule, for packed training rows."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -128,6 +158,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if mask is not None:
+            return self.o(_masked_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
         start = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -198,9 +230,9 @@ class Block(nn.Module):
         self.mlp = MLPS[mlp](dim, mlp_hidden or 4 * dim)
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
-                modulation: torch.Tensor | None = None) -> torch.Tensor:
+                modulation: torch.Tensor | None = None, mask=None) -> torch.Tensor:
         if modulation is None:
-            x = x + self.attn(self.norm1(x), rope, cache, layer)
+            x = x + self.attn(self.norm1(x), rope, cache, layer, mask)
             return x + self.mlp(self.norm2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.unbind(1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, cache, layer)

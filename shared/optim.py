@@ -34,6 +34,7 @@ class OptimConfig:
     cooldown_frac: float = 0.2  # wsd: final fraction of steps that decays to min_lr_ratio
     min_lr_ratio: float = 0.0
     muon_conv: bool = False  # also train conv filters with Muon, flattened to [out, in*kh*kw]
+    matrix_optimizer: Literal["muon", "adamw"] = "muon"  # "adamw": one AdamW at adam_lr trains everything (a baseline)
 
     def __post_init__(self):
         if not 0.0 <= self.cooldown_frac <= 1.0:
@@ -68,6 +69,8 @@ def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list[torch.optim.Optimizer]:
     muon_params, adam_params = split_params(model, conv=cfg.muon_conv, **split_kwargs)
+    if cfg.matrix_optimizer == "adamw":
+        muon_params, adam_params = [], muon_params + adam_params
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     opts: list[torch.optim.Optimizer] = []
     if muon_params:

@@ -111,6 +111,8 @@ def hardware_info(device: torch.device) -> dict:
 
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()  # a pinned copy is asynchronous; a pageable one blocks the host
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -245,7 +247,9 @@ class Trainer:
         warmup_left = 1 if cfg.compile else 0  # this process's first compiled step pays for compilation
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.quiet, mininterval=1.0)
-        window_units, window_time = 0, 0.0
+        window_units, window_time, pending_steps = 0, 0.0, 0
+        self._sync()
+        mark = time.perf_counter()
         with _stop_on_interrupt(self):
             while self.step < self.total_steps:
                 if self.stop_requested:
@@ -254,26 +258,29 @@ class Trainer:
                     logger.close()
                     print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
                     raise KeyboardInterrupt
-                self._sync()
-                t0 = time.perf_counter()
                 loss, grad_norm = self.train_step()
-                if warmup_left or self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    loss_value = loss.item()  # syncs; only on logging steps
-                    if not math.isfinite(loss_value):
-                        raise UserError(f"training diverged: loss is {loss_value} at step {self.step}")
-                else:
-                    loss_value = None
+                pending_steps += 1
+                bar.update(1)
+                last = self.step == self.total_steps
+                log_now = bool(warmup_left) or self.step % cfg.log_every == 0 or last
+                due = [self._crossed(every) or last for every in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)]
+                if not (log_now or any(due)):
+                    continue  # no host synchronisation between logging points: the GPU runs ahead
+                loss_value = loss.item() if log_now else None
                 self._sync()
-                dt = time.perf_counter() - t0
-                if warmup_left:
+                dt, now_units = time.perf_counter() - mark, pending_steps * self.units_per_step
+                if warmup_left:  # this process's first step, which pays for compilation
                     self.compile_time += dt
-                    warmup_left -= 1
+                    warmup_left = 0
                 else:
                     self.train_time += dt
-                    self.timed_units += self.units_per_step
-                    window_units += self.units_per_step
+                    self.timed_units += now_units
+                    window_units += now_units
                     window_time += dt
+                pending_steps = 0
                 if loss_value is not None:
+                    if not math.isfinite(loss_value):
+                        raise UserError(f"training diverged: loss is {loss_value} at step {self.step}")
                     rate = window_units / window_time if window_time > 0 else 0.0
                     extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
                     logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
@@ -281,17 +288,17 @@ class Trainer:
                                **{f"{unit}_per_s": rate}, **extra)
                     bar.set_postfix({"loss": f"{loss_value:.4f}", f"{unit}/s": f"{rate:,.0f}"})
                     window_units, window_time = 0, 0.0
-                bar.update(1)
-                last = self.step == self.total_steps
-                if self._crossed(cfg.eval_every) or last:
+                if due[0]:
                     eval_metrics = self._evaluate(logger)
                     if not self.quiet:
                         bar.write(f"step {self.step} ({self.step * self.units_per_step:,} {unit}): "
                                   + " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
-                if self._crossed(cfg.sample_every) or last:
+                if due[1]:
                     self._sample(logger)
-                if self._crossed(cfg.ckpt_every) or last:
+                if due[2]:
                     self.save()
+                self._sync()
+                mark = time.perf_counter()  # evaluation, samples and checkpoints are not training time
         bar.close()
         logger.close()
         return self._finish(eval_metrics)

@@ -7,22 +7,26 @@ import numpy as np
 import pytest
 
 from llm.corpus import generate_corpus
-from llm.data import PackedBatches, TextDataConfig, load_documents, prepare_data, split_documents, validation_rows
+from llm import sources
+from llm.data import PackedBatches, TextDataConfig, prepare_data, validation_rows
+from llm.sources import is_validation, iter_pieces
 from shared.errors import UserError
 
 
-def test_document_split_has_no_overlap_and_ignores_order():
+def test_validation_split_by_hash_ignores_order_and_prefix():
     docs = generate_corpus(800, seed=3)
-    train, val = split_documents(docs, 0.05)
-    assert not set(train) & set(val)
-    assert len(train) + len(val) == len(docs) and 10 < len(val) < 80
+    val = {d for d in docs if is_validation(d, 0.05)}
+    assert 10 < len(val) < 80
     shuffled = docs[:]
     random.Random(0).shuffle(shuffled)
-    assert set(split_documents(shuffled, 0.05)[1]) == set(val)  # fixed validation set
-    assert set(split_documents(docs[:400], 0.05)[1]) == set(val) & set(docs[:400])  # and prefix-stable
+    assert {d for d in shuffled if is_validation(d, 0.05)} == val  # fixed whatever the order
 
 
-def test_local_txt_jsonl_and_parquet_sources(tmp_path):
+def pieces(source: str) -> list:
+    return list(iter_pieces(source, "text", 0))
+
+
+def test_local_txt_jsonl_and_parquet_sources_stream(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -30,13 +34,20 @@ def test_local_txt_jsonl_and_parquet_sources(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "second"}) + "\n" + json.dumps({"text": "third"}) + "\n")
     pq.write_table(pa.table({"text": ["fourth", "fifth"]}), tmp_path / "sub" / "c.parquet")
-    docs, desc = load_documents(TextDataConfig(source=str(tmp_path)))
-    assert docs == ["first document", "second", "third", "fourth", "fifth"] and "local files" in desc
+    assert [p[0] for p in pieces(str(tmp_path))] == ["first document", "second", "third", "fourth", "fifth"]
     with pytest.raises(UserError, match="not found"):
-        load_documents(TextDataConfig(source=str(tmp_path / "missing")))
+        pieces(str(tmp_path / "missing"))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="bad.jsonl:1"):
-        load_documents(TextDataConfig(source=str(tmp_path / "bad.jsonl")))
+        pieces(str(tmp_path / "bad.jsonl"))
+    # a large .txt file is one document read in pieces cut at line ends
+    monkeypatch.setattr(sources, "PIECE_CHARS", 50)
+    text = "".join(f"line {i} of a long book\n" for i in range(40))
+    (tmp_path / "book.txt").write_text(text)
+    parts = pieces(str(tmp_path / "book.txt"))
+    assert len(parts) > 5 and "".join(p[0] for p in parts) == text and all(p[0].endswith("\n") for p in parts)
+    assert [p[1] for p in parts] == [True] + [False] * (len(parts) - 1)
+    assert [p[2] for p in parts] == [False] * (len(parts) - 1) + [True]
 
 
 def small_cfg(tmp_path, **kw) -> TextDataConfig:
@@ -45,23 +56,52 @@ def small_cfg(tmp_path, **kw) -> TextDataConfig:
     return TextDataConfig(**{**base, **kw})
 
 
+def quiet(*_):
+    pass
+
+
 def test_token_cache_round_trips_and_refuses_a_mismatch(tmp_path):
-    cache = prepare_data(small_cfg(tmp_path), log=lambda *_: None)
+    cache = prepare_data(small_cfg(tmp_path), log=quiet)
     tok = cache.tokenizer
     train, val = cache.tokens("train"), cache.tokens("val")
     assert cache.meta["train_tokens"] == len(train) and train.dtype == np.uint16
     assert cache.meta["val_tokens"] == len(val) > 0
-    starts = cache.doc_starts("train")
-    assert starts[0] == 0 and all(train[s - 1] == tok.eos_id for s in starts[1:])  # boundaries are EOS
-    docs, _ = load_documents(small_cfg(tmp_path))
-    first_train = split_documents(docs, 0.05)[0][0]
-    assert tok.decode(list(train[: starts[1] - 1])) == first_train
-    again = prepare_data(small_cfg(tmp_path), log=lambda *_: None)  # reused, not rebuilt
+    docs = generate_corpus(300)
+    train_docs = [d for d in docs if not is_validation(d, 0.05)]
+    ends = np.flatnonzero(np.asarray(train) == tok.eos_id)
+    assert len(ends) == len(train_docs) == cache.meta["train_docs"]  # one EOS closes every document
+    assert tok.decode(list(train[: ends[0]])) == train_docs[0]
+    again = prepare_data(small_cfg(tmp_path), log=quiet)  # reused, not rebuilt
     assert again.dir == cache.dir and again.tokenizer.fingerprint == tok.fingerprint
     with pytest.raises(UserError, match="tokenizer"):
-        prepare_data(small_cfg(tmp_path, tokenizer="bpe:300"), log=lambda *_: None)
-    with pytest.raises(UserError, match="seq_len 32"):
-        prepare_data(small_cfg(tmp_path, seq_len=64), log=lambda *_: None)
+        prepare_data(small_cfg(tmp_path, tokenizer="bpe:300"), log=quiet)
+    with pytest.raises(UserError, match="other data"):
+        prepare_data(small_cfg(tmp_path, val_fraction=0.1), log=quiet)
+    assert prepare_data(small_cfg(tmp_path, seq_len=64), log=quiet).dir == cache.dir  # seq_len is not the data
+
+
+def test_cache_identity_is_what_was_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = generate_corpus(400, seed=5)
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = dict(source=str(corpus), builtin_docs=0, tokenizer="bpe:400", val_fraction=0.05, val_tokens=200)
+    logs = []
+    short = prepare_data(TextDataConfig(**cfg, max_tokens=3000), log=logs.append)
+    assert not short.meta["complete"] and 3000 <= short.meta["train_tokens"] < 20_000
+    assert short.meta["val_tokens"] >= 201 and len(short.tokens("train")) == 3000
+    first = np.array(short.tokens("train"))
+    full = prepare_data(TextDataConfig(**cfg, max_tokens=20_000), log=logs.append)  # too short: read further
+    assert full.dir == short.dir and full.meta["train_tokens"] >= 20_000 and "further" in " ".join(map(str, logs))
+    assert np.array_equal(np.array(full.tokens("train")[:3000]), first)  # a longer read starts the same
+    assert np.array_equal(np.array(full.tokens("val")), np.array(short.tokens("val")))  # and validates alike
+    n = len(logs)
+    again = prepare_data(TextDataConfig(**cfg, max_tokens=3000), log=logs.append)  # the longer cache serves it
+    assert len(logs) == n and np.array_equal(np.array(again.tokens("train")), first)
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[::-1]))
+    changed = prepare_data(TextDataConfig(**cfg, max_tokens=3000), log=logs.append)  # an edited file is read again
+    assert changed.dir != short.dir and not np.array_equal(np.array(changed.tokens("train")), first)
 
 
 def test_packed_batches_are_deterministic_and_resumable():
@@ -86,3 +126,24 @@ def test_validation_rows_are_fixed_and_refuse_short_splits():
     assert rows.shape == (10, 11) and rows[1, 0] == 10 and rows[0, -1] == 10
     with pytest.raises(UserError, match="fewer than one row"):
         validation_rows(tokens[:5], 10, 100)
+
+
+def test_hub_errors_keep_their_message(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(sources, "require_hub", lambda *a: None)
+
+    def misspelled(*a, **k):
+        raise ValueError("BuilderConfig 'cosmopedia-v3' not found. Available: ['cosmopedia-v2', 'fineweb-edu-dedup']")
+
+    monkeypatch.setattr(datasets, "load_dataset", misspelled)
+    with pytest.raises(UserError, match="cosmopedia-v3' not found. Available") as e:
+        pieces("hf:HuggingFaceTB/smollm-corpus:cosmopedia-v3")
+    assert "offline" not in str(e.value) and "--data builtin" not in str(e.value)
+
+    def dropped(*a, **k):
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(datasets, "load_dataset", dropped)
+    with pytest.raises(UserError, match="lost the connection.*--data builtin"):
+        pieces("hf:owner/name")

@@ -62,3 +62,21 @@ def test_tokenizer_json_file_and_bad_specs(tmp_path):
         load_tokenizer("bpe:lots")
     with pytest.raises(UserError, match="not a file, a folder or a Hub name"):
         load_tokenizer("./missing/tokenizer.json")
+
+
+@pytest.mark.parametrize("name", ["blueberry-88m", "blueberry-151m"])
+@pytest.mark.parametrize("budget", [8_000_000, 20_000_000, 100_000_000, 1_000_000_000])
+def test_preset_schedules_suit_every_speedrun_budget(name, budget):
+    from shared.optim import lr_multiplier, warmup_steps
+
+    cfg = load_config(LLMRunConfig, ROOT / "configs" / "llm" / f"{name}.toml", [f"train.budget={budget}"])
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    steps = -(-budget // per_step)
+    assert steps >= 200  # enough optimiser steps at 8M tokens to warm up, hold and cool down
+    warm = warmup_steps(steps, cfg.optim)
+    cooldown_start = steps - round(cfg.optim.cooldown_frac * steps)
+    assert warm <= cooldown_start  # the ramps never overlap
+    lrs = [lr_multiplier(s, steps, cfg.optim) for s in range(steps)]
+    assert max(lrs) == 1.0 and all(abs(b - a) <= 1.0 / warm + 1e-9 for a, b in zip(lrs, lrs[1:]))
+    # validation fills within about 10M tokens of stream: the 8M run reads little past its budget
+    assert cfg.data.val_tokens / cfg.data.val_fraction <= 12_000_000

@@ -1,0 +1,301 @@
+"""Speedrun records: several seeded runs of one preset at one token budget, summarised as mean and
+spread; a comparison with a recorded baseline by Welch's one-sided t-test (the GPT-2 speedrun's
+rule: a change counts when it is better at p < 0.01); and a leaderboard generated from the records.
+
+A record is one JSON file; everything shown (summary, leaderboard) is recomputed from its per-run
+figures, so a record cannot disagree with itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import tomllib
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from shared.errors import UserError
+from shared.stats import mean_std, welch_less
+
+SCHEMA = 1
+ALPHA = 0.01  # modded-nanogpt's bar for a record
+MAX_CURVE_POINTS = 200
+FIGURES = ("loss", "accuracy", "perplexity", "train_time_s")  # per run, summarised as mean ± sd
+TESTED = {"loss": "loss", "time": "train_time_s"}  # comparison name -> per-run figure
+LEADERBOARD = "LEADERBOARD.md"
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_budget(text: str) -> int:
+    """'8M', '20M', '1B', '500k', '0.5M', '2048', '20_000_000' -> tokens."""
+    m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?|\.[0-9]+)\s*([kKmMbBgG]?)\s*", text)
+    try:
+        tokens = Decimal(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).lower()] if m else None
+    except InvalidOperation:
+        tokens = None
+    if tokens is None or tokens != tokens.to_integral_value() or tokens < 1:
+        raise UserError(f"bad budget {text!r}: give a whole number of tokens such as 8M, 20M, 100M, 1B, 500k or 2048")
+    return int(tokens)
+
+
+def format_budget(tokens: int) -> str:
+    for suffix, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if tokens % scale == 0:
+            return f"{tokens // scale}{suffix}"
+    return str(tokens)
+
+
+def resolve_preset(preset: str, configs_dir: Path) -> Path:
+    """A name in configs/llm/ or a path to a TOML file."""
+    path = Path(preset) if preset.endswith(".toml") or "/" in preset else configs_dir / f"{preset}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in configs_dir.glob("*.toml")))
+        raise UserError(f"unknown preset {preset!r}: give one of {names} or a .toml path")
+    return path
+
+
+def derive_label(overrides: list[str]) -> str:
+    """'baseline' without overrides, else a file-safe name from them: optim.muon_lr=0.03 -> muon_lr-0.03
+    (a long one is cut, with a hash of all the overrides so that two cut names still differ)."""
+    if not overrides:
+        return "baseline"
+    parts = [k.split(".")[-1] + "-" + v.strip().strip("\"'") for k, _, v in (o.partition("=") for o in overrides)]
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-._")
+    if len(label) > 40:
+        label = label[:32].rstrip("-._") + "-" + hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:7]
+    return label or "custom"
+
+
+def check_label(label: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+        raise UserError(f"--label {label!r} may hold only letters, digits, '.', '_' and '-' (it names the record file)")
+    return label
+
+
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout at root; (None, None) outside a git repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit.strip(), bool(status.strip())
+
+
+def hardware_string(hw: dict | None) -> str:
+    if not hw:
+        return "unknown"
+    if hw.get("gpu"):
+        return str(hw["gpu"])
+    return f"{hw.get('device', 'cpu')} {hw.get('cpu', '')} ({hw.get('cpu_threads', '?')} threads)".replace("  ", " ")
+
+
+def ensure_writable(folder: Path) -> None:
+    """Fail before any training if the record could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"records folder {folder} is not writable: {e.strerror or e}") from None
+
+
+def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
+    if len(points) <= limit:
+        return points
+    keep = sorted({round(i * (len(points) - 1) / (limit - 1)) for i in range(limit)})  # first and last kept
+    return [points[i] for i in keep]
+
+
+def read_run(run_dir: Path, seed: int) -> dict:
+    """One finished training run folder: {"figures", "curves", "hardware", "config"}."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+        rows = [json.loads(line) for line in lines if line.strip()]
+        ev = summary["final_eval"]
+        figures = {"seed": seed, "loss": ev["loss"], "accuracy": ev.get("accuracy"), "perplexity": ev.get("perplexity"),
+                   "train_time_s": summary["train_time_s"], "compile_warmup_s": summary.get("compile_warmup_s"),
+                   "tokens_per_s": summary.get("tokens_per_s"), "steps": summary["steps"], "tokens": summary.get("tokens"),
+                   "params": summary.get("params"), "run_dir": str(run_dir)}
+    except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"run folder {run_dir} is incomplete or corrupt: {e!r}") from None
+    curves = {"seed": seed, "eval": [[r["units"], r["loss"]] for r in rows if r.get("split") == "eval"],
+              "train": _subsample([[r["units"], r["loss"]] for r in rows if r.get("split") == "train"])}
+    return {"figures": figures, "curves": curves, "hardware": summary.get("hardware"), "config": config}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation (None for one run) of each figure over the runs."""
+    out = {}
+    for key in FIGURES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        mean, std = mean_std(values) if values else (None, None)
+        out[key] = {"mean": mean, "std": std, "n": len(values)}
+    return out
+
+
+def build_record(*, label: str, preset: str, budget: int, overrides: list[str], runs: list[dict],
+                 commit: str | None, dirty: bool | None, created: datetime) -> dict:
+    """The record of finished runs (read_run's results, in seed order)."""
+    figures = [r["figures"] for r in runs]
+    return {
+        "schema": SCHEMA, "label": label, "preset": preset, "budget": budget, "overrides": list(overrides),
+        "created": created.isoformat(timespec="seconds"), "git_commit": commit, "git_dirty": dirty,
+        "hardware": runs[0]["hardware"], "params": figures[0]["params"],
+        "config": runs[0]["config"],  # resolved; the runs' configs differ only in train.seed
+        "summary": summarise(figures), "runs": figures, "curves": [r["curves"] for r in runs],
+    }
+
+
+def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
+    """records_dir/<preset>-<budget>-<label>-<YYYYmmdd-HHMMSS>.json, never overwriting one."""
+    stem = f"{record['preset']}-{format_budget(record['budget'])}-{record['label']}-{created:%Y%m%d-%H%M%S}"
+    for i in range(1, 100):
+        path = records_dir / (stem + (f"-{i}" if i > 1 else "") + ".json")
+        try:
+            with open(path, "x") as f:
+                f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    raise UserError(f"too many records named {stem} in {records_dir}")
+
+
+def load_record(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"record not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read record {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"record {path} is corrupt: {e.msg} at line {e.lineno} column {e.colno}") from None
+    ok = (isinstance(record, dict) and record.get("schema") == SCHEMA
+          and all(k in record for k in ("label", "preset", "budget", "runs")) and isinstance(record["runs"], list)
+          and record["runs"] and all(isinstance(r, dict) and isinstance(r.get("loss"), (int, float))
+                                     and isinstance(r.get("train_time_s"), (int, float)) for r in record["runs"]))
+    if not ok:
+        raise UserError(f"{path} is not a speedrun record (schema {SCHEMA}: label, preset, budget and runs with loss "
+                        "and train_time_s)")
+    return record
+
+
+def require_runs(n: int, what: str) -> None:
+    if n < 2:
+        raise UserError(f"a comparison needs >= 2 runs per side: {what} has {n}")
+
+
+def check_comparable(base: dict, new_preset: str, new_budget: int, base_name: str) -> None:
+    if (base["preset"], base["budget"]) != (new_preset, new_budget):
+        raise UserError(f"cannot compare: the baseline {base_name} is {base['preset']} at {base['budget']:,} tokens, "
+                        f"this is {new_preset} at {new_budget:,} tokens")
+
+
+def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> dict:
+    """Welch's one-sided test (new < baseline) in final loss and in training time."""
+    check_comparable(base, new["preset"], new["budget"], base_name)
+    require_runs(len(base["runs"]), f"the baseline {base_name}")
+    require_runs(len(new["runs"]), "the candidate")
+    out = {"baseline": base_name, "baseline_label": base["label"], "test": "Welch's t-test, one-sided (new < baseline)",
+           "alpha": ALPHA, "same_hardware": hardware_string(base.get("hardware")) == hardware_string(new.get("hardware"))}
+    for name, key in TESTED.items():
+        w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
+        out[name] = {**w.to_dict(), "better": w.p < ALPHA}
+    return out
+
+
+def _p(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def verdict(name: str, result: dict, alpha: float = ALPHA) -> str:
+    word = "better" if result["better"] else "not shown better"
+    return f"{name}: {word} at p < {alpha:g} (p = {_p(result['p'])})"
+
+
+def comparison_lines(cmp: dict, new_name: str = "new") -> list[str]:
+    """The comparison as an aligned table and the two verdict lines."""
+    lines = [f"compared with {cmp['baseline']} ({cmp['baseline_label']}): {cmp['test']}"]
+    if not cmp["same_hardware"]:
+        lines.append("warning: the two records ran on different hardware; the time comparison is across hardware")
+    level = f"{cmp['loss']['confidence'] * 100:g}% CI"
+    header = ["", f"baseline (n={cmp['loss']['n_base']})", f"{new_name} (n={cmp['loss']['n_new']})", "difference",
+              level, "Hedges' g", "p"]
+    rows = [header]
+    for name, digits, unit in (("loss", 4, ""), ("time", 2, " s")):
+        r = cmp[name]
+        f = lambda v: f"{v:+.{digits}f}"  # noqa: E731
+        g = "n/a" if r["hedges_g"] is None else f"{r['hedges_g']:+.2f}"
+        rows.append([f"val {name}" if name == "loss" else "train time", f"{r['mean_base']:.{digits}f}{unit}",
+                     f"{r['mean_new']:.{digits}f}{unit}", f(r["diff"]) + unit, f"[{f(r['ci'][0])}, {f(r['ci'][1])}]",
+                     g, _p(r["p"])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return lines + [verdict("loss", cmp["loss"], cmp["alpha"]), verdict("time", cmp["time"], cmp["alpha"])]
+
+
+def _pm(s: dict, digits: int) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
+
+
+def summary_lines(record: dict) -> list[str]:
+    s = summarise(record["runs"])
+    rows = [("val loss", _pm(s["loss"], 4) + f" (n={s['loss']['n']})"), ("val accuracy", _pm(s["accuracy"], 4)),
+            ("val perplexity", _pm(s["perplexity"], 2)), ("train time", _pm(s["train_time_s"], 2) + " s (compile excluded)")]
+    width = max(len(k) for k, _ in rows) + 2
+    return [f"{k:<{width}}{v}" for k, v in rows]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def leaderboard(records_dir: Path) -> str:
+    """LEADERBOARD.md from every record in records_dir: one table per (preset, budget), best mean loss first.
+    Depends only on the records' contents, so regenerating without new records gives the same bytes."""
+    groups: dict[tuple[str, int], list[tuple[dict, str]]] = {}
+    for path in sorted(records_dir.glob("*.json")):
+        rec = load_record(path)
+        groups.setdefault((rec["preset"], rec["budget"]), []).append((rec, path.name))
+    out = ["# Speedrun leaderboard", "",
+           "Generated by `python scripts/speedrun.py --leaderboard` from the records in this folder; do not edit it "
+           "by hand.", "",
+           "Each row is one record: n runs with different seeds; mean ± sample standard deviation of the final "
+           "validation loss and of the training time (compile warm-up excluded). A change counts as better than its "
+           f"baseline when Welch's one-sided t-test gives p < {ALPHA:g} (`scripts/speedrun.py --compare`).", ""]
+    if not groups:
+        out += ["No records yet.", ""]
+    for (preset, budget) in sorted(groups):
+        rows = sorted(groups[(preset, budget)], key=lambda rn: (summarise(rn[0]["runs"])["loss"]["mean"], rn[0]["label"], rn[1]))
+        out += [f"## {preset}, {format_budget(budget)} tokens", "",
+                "| rank | label | val loss | n | val accuracy | train time (s) | hardware | commit | date | record | overrides |",
+                "| ---: | --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- |"]
+        for rank, (rec, name) in enumerate(rows, 1):
+            s = summarise(rec["runs"])
+            commit = (rec.get("git_commit") or "unknown")[:7] + ("+dirty" if rec.get("git_dirty") else "")
+            overrides = " ".join(f"`{o}`" for o in rec.get("overrides", [])) or "none"
+            cells = [str(rank), rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
+                     _pm(s["train_time_s"], 2), hardware_string(rec.get("hardware")), commit,
+                     str(rec.get("created", ""))[:10], f"[{name}]({name})", overrides]
+            out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_leaderboard(records_dir: Path) -> Path:
+    path = records_dir / LEADERBOARD
+    try:
+        path.write_text(leaderboard(records_dir))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

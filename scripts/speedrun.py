@@ -1,0 +1,141 @@
+"""Speedrun: N seeded training runs of an LLM preset at a token budget, summarised (mean ± sample
+standard deviation), recorded under benchmarks/records/, optionally tested against a baseline
+record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regenerated.
+
+    python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4
+    python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4 optim.muon_lr=0.03 \\
+        --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
+    python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
+    python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from llm.speedrun import (build_record, check_comparable, check_label, compare, comparison_lines, derive_label,
+                          ensure_writable, format_budget, git_state, load_record, parse_budget, read_run, require_runs,
+                          resolve_preset, summary_lines, write_leaderboard, write_record)
+from shared.errors import UserError, run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESERVED = ("train.seed", "train.budget")  # set by --seed0 and --budget, never by an override
+
+
+def train_one(cmd: list[str], what: str) -> None:
+    """Run one training subprocess; its stdout is streamed (indented), its stderr passes through to a
+    terminal (the progress bar) and otherwise is only kept, so a failure can quote its last line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tee, tail = sys.stderr.isatty(), bytearray()
+
+    def pump() -> None:
+        while chunk := proc.stderr.read1(4096):
+            if tee:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            tail.extend(chunk)
+            del tail[:-8192]
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    for line in proc.stdout:
+        print("  " + line.decode(errors="replace").rstrip(), flush=True)
+    code = proc.wait()
+    thread.join()
+    if code != 0:
+        lines = [s.strip() for s in tail.decode(errors="replace").replace("\r", "\n").splitlines() if s.strip()]
+        last = lines[-1].removeprefix("error: ") if lines else "no message"
+        raise UserError(f"{what} failed (exit status {code}): {last}")
+
+
+def speedrun(args: argparse.Namespace) -> None:
+    config = resolve_preset(args.preset, ROOT / "configs" / "llm")
+    budget = parse_budget(args.budget)
+    preset = config.stem
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if bad := [o for o in args.overrides if o.split("=", 1)[0].strip() in RESERVED]:
+        raise UserError(f"override {bad[0]!r} is set by the harness: use --seed0 / --budget instead")
+    label = check_label(args.label or derive_label(args.overrides))
+    records = Path(args.records_dir)
+    baseline = None
+    if args.compare:  # everything that can refuse the comparison does so before hours of training
+        require_runs(args.runs, "this speedrun (--runs)")
+        baseline = load_record(args.compare)
+        check_comparable(baseline, preset, budget, args.compare)
+        require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
+    ensure_writable(records)  # a bad override is refused by the first run, in its first seconds
+
+    commit, dirty = git_state(ROOT)  # the code that trains, before a record makes the tree dirty
+    created = datetime.now().astimezone()
+    first = Path(args.runs_dir) / "speedrun" / f"{preset}-{format_budget(budget)}-{label}-{created:%Y%m%d-%H%M%S}"
+    group, i = first, 1
+    while group.exists():  # train_llm refuses an existing run folder: never reuse one
+        i += 1
+        group = first.with_name(f"{first.name}-{i}")
+    print(f"speedrun: {preset} at {budget:,} tokens, label {label}, {args.runs} runs, "
+          f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}", flush=True)
+    results = []
+    for k in range(args.runs):
+        seed = args.seed0 + k
+        print(f"run {k + 1}/{args.runs}: seed {seed} -> {group / f'seed{seed}'}", flush=True)
+        train_one([sys.executable, str(ROOT / "scripts" / "train_llm.py"), "--config", str(config),
+                   "--experiment_name", f"seed{seed}", "--runs_dir", str(group), "--train_tokens", str(budget),
+                   f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})")
+        results.append(read_run(group / f"seed{seed}", seed))
+
+    record = build_record(label=label, preset=preset, budget=budget, overrides=args.overrides, runs=results,
+                          commit=commit, dirty=dirty, created=created)
+    print(f"\n{preset} at {budget:,} tokens, {label}:")
+    print("\n".join(summary_lines(record)))
+    if baseline is not None:
+        record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
+        print("\n" + "\n".join(comparison_lines(record["comparison"])))
+    path = write_record(record, records, created)
+    print(f"\nrecord: {path}\nleaderboard: {write_leaderboard(records)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, blueberry-151m) or a .toml path")
+    p.add_argument("--budget", help="training tokens per run: 8M, 20M, 100M, 1B, 500k, 2048, ...")
+    p.add_argument("--runs", type=int, default=4, help="runs with seeds seed0, seed0+1, ... (default 4)")
+    p.add_argument("--seed0", type=int, default=0, help="seed of the first run")
+    p.add_argument("--label", help="names the record (default: baseline, or derived from the overrides)")
+    p.add_argument("--runs_dir", default="runs", help="run folders go to <runs_dir>/speedrun/<record name>/seed<k>")
+    p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
+    p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
+    p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
+    p.add_argument("--confidence", type=float, default=95.0, help="level of the difference's interval, in percent")
+    p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
+    args = p.parse_args()
+    if not 0 < args.confidence < 100:
+        raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
+    training = [f for f in ("preset", "budget") if getattr(args, f)] + (["overrides"] if args.overrides else [])
+    if args.leaderboard:
+        if training or args.compare or args.candidate:
+            raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
+        ensure_writable(Path(args.records_dir))
+        print(f"wrote {write_leaderboard(Path(args.records_dir))}")
+    elif args.candidate:
+        if not args.compare:
+            raise UserError("--candidate needs --compare BASELINE")
+        if training:
+            raise UserError("--compare with --candidate compares two records and trains nothing: drop " + ", ".join(training))
+        base, new = load_record(args.compare), load_record(args.candidate)
+        print("\n".join(comparison_lines(compare(base, new, args.compare, args.confidence / 100), "candidate")))
+    elif args.preset and args.budget:
+        speedrun(args)
+    else:
+        raise UserError("give --preset and --budget to train (or --compare BASE --candidate NEW, or --leaderboard)")
+
+
+if __name__ == "__main__":
+    run_main(main)

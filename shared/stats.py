@@ -1,0 +1,76 @@
+"""Small-sample statistics for comparing training runs: Welch's t-test (one-sided), the Welch
+confidence interval of a difference in means, and Hedges' g.
+
+Welch's test, not Student's, because a change can alter the spread as well as the mean (a new
+optimiser may be less stable), so the two variances are never assumed equal."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from scipy import stats as _st
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); the deviation is None for a single value."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float:
+    """Welch–Satterthwaite degrees of freedom for sample variances var_a, var_b."""
+    qa, qb = var_a / n_a, var_b / n_b
+    if qa + qb == 0:
+        return float(n_a + n_b - 2)  # both samples constant: no spread to weigh, fall back to pooled df
+    return (qa + qb) ** 2 / (qa**2 / (n_a - 1) + qb**2 / (n_b - 1))
+
+
+@dataclass(frozen=True)
+class Welch:
+    """Candidate `new` against `base`; diff = mean(new) - mean(base). p is one-sided: H1 is new < base."""
+
+    n_new: int
+    n_base: int
+    mean_new: float
+    mean_base: float
+    diff: float
+    t: float | None  # None when both samples are constant
+    df: float
+    p: float
+    confidence: float
+    ci: tuple[float, float]  # two-sided Welch interval of diff at `confidence`
+    cohen_d: float | None  # diff / pooled sd; None when the pooled sd is 0
+    hedges_g: float | None  # d with the small-sample correction
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ci": list(self.ci)}
+
+
+def welch_less(new: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> Welch:
+    """Welch's t-test of mean(new) < mean(base), with the two-sided CI of the difference."""
+    n_a, n_b = len(new), len(base)
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"Welch's test needs at least 2 values per side (got {n_a} and {n_b})")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    (m_a, s_a), (m_b, s_b) = mean_std(new), mean_std(base)
+    va, vb = s_a**2, s_b**2
+    diff, se = m_a - m_b, math.sqrt(va / n_a + vb / n_b)
+    df = welch_df(va, n_a, vb, n_b)
+    if se == 0:  # constant samples: the sign of the difference is certain, and the interval is a point
+        t, p, half = None, (0.0 if diff < 0 else 1.0), 0.0
+    else:
+        res = _st.ttest_ind(new, base, equal_var=False, alternative="less")
+        t, p = float(res.statistic), float(res.pvalue)
+        half = float(_st.t.ppf(0.5 + confidence / 2, df)) * se
+    pooled = math.sqrt(((n_a - 1) * va + (n_b - 1) * vb) / (n_a + n_b - 2))
+    d = diff / pooled if pooled > 0 else None
+    g = d * (1 - 3 / (4 * (n_a + n_b) - 9)) if d is not None else None
+    return Welch(n_a, n_b, m_a, m_b, diff, t, df, p, confidence, (diff - half, diff + half), d, g)

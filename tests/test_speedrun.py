@@ -1,0 +1,155 @@
+"""The speedrun harness: seeded runs become a record (mean ± sd, git, hardware, config, curves), a
+comparison by Welch's one-sided t-test gives known verdicts, the leaderboard is generated and
+stable, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from conftest import ROOT, assert_one_line_error, run_script
+from llm.speedrun import (SCHEMA, compare, derive_label, format_budget, leaderboard, load_record, parse_budget,
+                          resolve_preset)
+from shared.errors import UserError
+from shared.stats import mean_std, welch_df, welch_less
+
+# the harness sets train.budget and train.seed itself
+TINY = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
+        "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def synthetic(path: Path, label: str, losses: list[float], times: list[float], budget: int = 2048) -> Path:
+    """A record as the harness writes it, with only what the comparison and the leaderboard read."""
+    runs = [{"seed": i, "loss": loss, "accuracy": 0.5, "perplexity": float(np.exp(loss)), "train_time_s": t}
+            for i, (loss, t) in enumerate(zip(losses, times))]
+    path.write_text(json.dumps({"schema": SCHEMA, "label": label, "preset": "debug", "budget": budget, "overrides": [],
+                                "hardware": {"device": "cpu", "cpu": "x86_64", "cpu_threads": 1}, "runs": runs}))
+    return path
+
+
+def test_speedrun_end_to_end_with_comparison(tmp_path):
+    records = tmp_path / "records"
+    common = ["--preset", "debug", "--budget", "2048", "--runs", "2", "--records_dir", str(records),
+              "--runs_dir", str(tmp_path / "runs")]
+    base = run_script("speedrun.py", *common, *TINY, "--label", "baseline", cwd=tmp_path, env_extra=ENV)
+    assert base.returncode == 0, base.stderr[-3000:]
+    assert "run 2/2: seed 1" in base.stdout and "validation loss" in base.stdout and "val loss" in base.stdout
+    (first,) = records.glob("debug-2048-*.json")
+    new = run_script("speedrun.py", *common, *TINY, "optim.matrix_optimizer=\"adamw\"", "--label", "adamw",
+                     "--compare", str(first), cwd=tmp_path, env_extra=ENV)
+    assert new.returncode == 0, new.stderr[-3000:]
+    assert "loss: " in new.stdout and "time: " in new.stdout and "95% CI" in new.stdout
+    (second,) = records.glob("debug-2048-adamw-*.json")
+
+    for path in (first, second):
+        rec = json.loads(path.read_text())
+        assert rec["preset"] == "debug" and rec["budget"] == 2048 and [r["seed"] for r in rec["runs"]] == [0, 1]
+        for key in ("loss", "accuracy", "perplexity", "train_time_s"):
+            values = [r[key] for r in rec["runs"]]
+            assert rec["summary"][key]["mean"] == pytest.approx(statistics.mean(values))
+            assert rec["summary"][key]["std"] == pytest.approx(statistics.stdev(values))
+        assert len(rec["git_commit"]) == 40 and isinstance(rec["git_dirty"], bool)
+        assert rec["hardware"]["device"] == "cpu" and rec["config"]["data"]["seq_len"] == 32
+        assert rec["config"]["train"]["budget"] == 2048
+        assert [c["eval"][-1][1] for c in rec["curves"]] == [r["loss"] for r in rec["runs"]]
+        assert all(c["train"] and Path(r["run_dir"], "summary.json").is_file() for c, r in zip(rec["curves"], rec["runs"]))
+    rec = json.loads(second.read_text())
+    assert rec["overrides"][-1] == "optim.matrix_optimizer=\"adamw\"" and rec["config"]["optim"]["matrix_optimizer"] == "adamw"
+    cmp = rec["comparison"]
+    assert cmp["baseline"] == str(first) and all(0 <= cmp[k]["p"] <= 1 for k in ("loss", "time"))
+
+    board = (records / "LEADERBOARD.md").read_text()
+    assert "| baseline |" in board and "| adamw |" in board and first.name in board and "do not edit" in board
+    again = run_script("speedrun.py", "--leaderboard", "--records_dir", str(records), cwd=tmp_path)
+    assert again.returncode == 0 and (records / "LEADERBOARD.md").read_text() == board  # same records, same bytes
+
+
+def test_known_verdicts_on_synthetic_records(tmp_path):
+    times = [10.0, 10.2, 9.8, 10.0]
+    base = synthetic(tmp_path / "base.json", "base", [3.00, 3.01, 2.99, 3.00], times)
+    cand = synthetic(tmp_path / "cand.json", "cand", [2.80, 2.81, 2.79, 2.80], times)
+    proc = run_script("speedrun.py", "--compare", str(base), "--candidate", str(cand), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "loss: better at p < 0.01" in proc.stdout and "time: not shown better at p < 0.01" in proc.stdout
+
+    b, c = json.loads(base.read_text()), json.loads(cand.read_text())
+    better = compare(b, c, "base")
+    assert better["loss"]["better"] and better["loss"]["p"] < 1e-4 and not better["time"]["better"]
+    lo, hi = better["loss"]["ci"]
+    assert lo < -0.2 < hi and better["loss"]["diff"] == pytest.approx(-0.2)
+    same = compare(b, {**b, "label": "same"}, "base")
+    assert not same["loss"]["better"] and same["loss"]["p"] == pytest.approx(0.5)
+    assert "| 1 | cand |" in leaderboard(tmp_path) and "| 2 | base |" in leaderboard(tmp_path)
+
+    # over many draws the interval covers the true difference about 95% of the time, and a change
+    # that does nothing is called better about 1% of the time (unequal spreads: Welch's case)
+    rng = np.random.default_rng(0)
+    trials = [welch_less(rng.normal(0.1, 0.05, 4), rng.normal(0.0, 0.2, 6)) for _ in range(1000)]
+    assert 0.925 < np.mean([t.ci[0] < 0.1 < t.ci[1] for t in trials]) < 0.975
+    null = [welch_less(rng.normal(0.0, 0.05, 4), rng.normal(0.0, 0.2, 6)).p < 0.01 for _ in range(1000)]
+    assert np.mean(null) < 0.025
+
+
+def test_welch_against_scipy_and_by_hand():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0, 10.0]
+    va, vb = statistics.variance(a), statistics.variance(b)
+    df = (va / 4 + vb / 5) ** 2 / ((va / 4) ** 2 / 3 + (vb / 5) ** 2 / 4)
+    assert welch_df(va, 4, vb, 5) == pytest.approx(df) and df == pytest.approx(5.5208, abs=1e-4)
+    w = welch_less(a, b, confidence=0.9)
+    ref = st.ttest_ind(a, b, equal_var=False, alternative="less")
+    assert (w.t, w.p, w.df) == pytest.approx((ref.statistic, ref.pvalue, ref.df))
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.9)
+    assert w.ci == pytest.approx((ci.low, ci.high)) and w.diff == pytest.approx(2.5 - 6.0)
+    pooled = np.sqrt((3 * va + 4 * vb) / 7)
+    assert w.cohen_d == pytest.approx(-3.5 / pooled) and w.hedges_g == pytest.approx(-3.5 / pooled * (1 - 3 / 27))
+    assert mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, pytest.approx(statistics.stdev(a))) and mean_std([5.0]) == (5.0, None)
+    assert welch_less([1.0, 1.0], [2.0, 2.0]).p == 0.0 and welch_less([2.0, 2.0], [2.0, 2.0]).p == 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        welch_less([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("text,tokens", [("8M", 8_000_000), ("20M", 20_000_000), ("100M", 100_000_000), ("1B", 10**9),
+                                         ("500k", 500_000), ("0.5M", 500_000), ("2048", 2048), ("20_000_000", 20_000_000)])
+def test_budget_parsing(text, tokens):
+    assert parse_budget(text) == tokens
+    assert parse_budget(format_budget(tokens)) == tokens
+
+
+def test_budget_and_label_edge_cases():
+    for bad in ("", "8Q", "-5", "0", "1.5", "0.0005k", "M", "1e6"):
+        with pytest.raises(UserError, match="bad budget"):
+            parse_budget(bad)
+    assert format_budget(8_000_000) == "8M" and format_budget(10**9) == "1B" and format_budget(2048) == "2048"
+    assert derive_label([]) == "baseline" and derive_label(["optim.matrix_optimizer=\"adamw\""]) == "matrix_optimizer-adamw"
+    long = [f"model.key{i}=value{i}" for i in range(8)]
+    assert len(derive_label(long)) <= 40 and derive_label(long) != derive_label(long[:-1])
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    base = synthetic(tmp_path / "base.json", "base", [3.0, 3.1], [1.0, 1.1])
+    other = synthetic(tmp_path / "other.json", "other", [3.0, 3.1], [1.0, 1.1], budget=4096)
+    (tmp_path / "corrupt.json").write_text("{\"schema\": 1, \"runs\": [")
+    (tmp_path / "file").write_text("")
+    train = ["--preset", "debug", "--budget", "2048", "--records_dir", str(tmp_path / "records")]
+    cases = [
+        (["--preset", "debug", "--budget", "8Q"], ["bad budget", "8Q"]),
+        ([*train, "--runs", "0"], ["--runs"]),
+        ([*train, "--runs", "1", "--compare", str(base)], [">= 2 runs"]),
+        ([*train, "--runs", "2", "--compare", str(tmp_path / "corrupt.json")], ["corrupt", "corrupt.json"]),
+        (["--compare", str(base), "--candidate", str(other)], ["cannot compare", "4,096"]),
+        ([*train, "--runs", "2", "train.seed=3"], ["--seed0"]),
+        (["--preset", "debug", "--budget", "2048", "--records_dir", str(tmp_path / "file" / "records")], ["not writable"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_script("speedrun.py", *args, cwd=tmp_path), *fragments)
+    assert not (tmp_path / "runs").exists()  # every refusal came before any training
+    with pytest.raises(UserError, match="unknown preset 'nope': give one of blueberry-151m, blueberry-88m, debug"):
+        resolve_preset("nope", ROOT / "configs" / "llm")
+    with pytest.raises(UserError, match="record not found"):
+        load_record(tmp_path / "missing.json")
