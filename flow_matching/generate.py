@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from shared.images import to_uint8
+from shared.run import finite_float
 
 from .dit import DiT2D
 from .sampling import SAMPLERS, TIME_GRIDS, sample
@@ -16,7 +17,7 @@ from .sampling import SAMPLERS, TIME_GRIDS, sample
 def add_solver_args(p: argparse.ArgumentParser, note: str = "") -> None:
     """--num_steps, --cfg_scale, --sampler, --time_grid; None means the run's sample.* setting."""
     p.add_argument("--num_steps", type=int, help=f"solver steps{note} (default: the run's sample.num_steps)")
-    p.add_argument("--cfg_scale", type=float, help=f"guidance scale, 1 = no guidance{note} (default: the run's sample.cfg_scale)")
+    p.add_argument("--cfg_scale", type=finite_float, help=f"guidance scale, 1 = no guidance{note} (default: the run's sample.cfg_scale)")
     p.add_argument("--sampler", choices=SAMPLERS, help=f"ODE solver{note} (default: the run's sample.sampler)")
     p.add_argument("--time_grid", choices=TIME_GRIDS, help=f"solver time grid{note} (default: the run's sample.time_grid)")
 

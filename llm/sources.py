@@ -95,6 +95,8 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
                 text = json.loads(line)[field]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{i + 1} is not a JSON object with a {field!r} field") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{i + 1}: field {field!r} holds {type(text).__name__}, not text")
             if text:
                 yield text
 
@@ -107,6 +109,9 @@ def _parquet_docs(path: Path, field: str) -> Iterator[str]:
         pf = pq.ParquetFile(path)
         if field not in pf.schema_arrow.names:
             raise UserError(f"{path} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        kind = pf.schema_arrow.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column {field!r} holds {kind}, not text")
         for batch in pf.iter_batches(batch_size=1024, columns=[field]):
             yield from (t for t in batch.column(0).to_pylist() if t)
     except pa.ArrowException as e:
@@ -159,6 +164,8 @@ def _hub_pieces(spec: str, field: str) -> Iterator[Piece]:
             raise _hub_failure(name, e) from None
         if field not in row:
             raise UserError(f"dataset {name!r} has no {field!r} field (fields: {', '.join(row)}); set data.text_field")
+        if not isinstance(row[field], str):
+            raise UserError(f"dataset {name!r}: field {field!r} holds {type(row[field]).__name__}, not text; set data.text_field")
         if row[field]:
             yield from _split(row[field])
 

@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.run import check_writable
 from shared.stats import mean_std, welch_less
 
 SCHEMA = 1
@@ -94,13 +95,7 @@ def hardware_string(hw: dict | None) -> str:
 
 def ensure_writable(folder: Path) -> None:
     """Fail before any training if the record could not be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"records folder {folder} is not writable: {e.strerror or e}") from None
+    check_writable(folder, "records folder")
 
 
 def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from shared.images import to_uint8
+from shared.run import finite_float, non_negative_int
 
 from .config import check_sampling
 from .load import MultimodalRun
@@ -19,10 +20,10 @@ def add_sampling_args(p: argparse.ArgumentParser, note: str = "", cfg_scale: boo
     """--cfg_scale (unless the script defines it), --temperature, --top_k, --top_p; None means the
     run's sample.* setting."""
     if cfg_scale:
-        p.add_argument("--cfg_scale", type=float, help=f"guidance scale, 1 = none{note} (default: the run's sample.cfg_scale)")
-    p.add_argument("--temperature", type=float, help=f"0 = greedy{note} (default: the run's sample.temperature)")
-    p.add_argument("--top_k", type=int, help=f"keep the k most likely tokens, 0 = all{note} (default: the run's)")
-    p.add_argument("--top_p", type=float, help=f"nucleus sampling mass, 1 = off{note} (default: the run's)")
+        p.add_argument("--cfg_scale", type=finite_float, help=f"guidance scale, 1 = none{note} (default: the run's sample.cfg_scale)")
+    p.add_argument("--temperature", type=finite_float, help=f"0 = greedy{note} (default: the run's sample.temperature)")
+    p.add_argument("--top_k", type=non_negative_int, help=f"keep the k most likely tokens, 0 = all{note} (default: the run's)")
+    p.add_argument("--top_p", type=finite_float, help=f"nucleus sampling mass, 1 = off{note} (default: the run's)")
 
 
 def sampling_settings(run: MultimodalRun, args: argparse.Namespace) -> dict:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from shared.config import load_config
 from shared.errors import UserError, run_main
 from shared.images import load_images
-from shared.run import find_run_dir
+from shared.run import check_output, find_run_dir
 from shared.trainer import pick_device
 from vqvae.config import VQVAERunConfig
 from vqvae.token_file import save_tokens
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args()
+    check_output(args.out, folder=True)  # before any work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or any(s not in ("train", "test") for s in splits):
         raise UserError(f"--splits must list train and/or test, got {args.splits!r}")

@@ -26,7 +26,7 @@ from multimodal.load import is_multimodal_run, load_run
 from shared.errors import UserError, run_main
 from shared.image_eval import score_images
 from shared.images import load_images
-from shared.run import print_results
+from shared.run import check_output, print_results
 from shared.trainer import pick_device
 
 FLOW_FLAGS = ("num_steps", "sampler", "time_grid")
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="also write the results as JSON here")
     args = p.parse_args()
+    check_output(args.output, folder=False)  # before any work
     if args.skip_fid and not args.classifier:
         raise UserError("nothing to compute: --skip_fid without --classifier")
     if args.images and (args.no_ema or any(getattr(args, f) is not None for f in SAMPLING_FLAGS)):

@@ -25,7 +25,7 @@ from multimodal.load import load_run
 from multimodal.sampling import caption_scores
 from shared.errors import UserError, run_main
 from shared.images import load_images
-from shared.run import print_results
+from shared.run import check_output, print_results
 from shared.trainer import pick_device
 
 
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="also write the results as JSON here")
     args = p.parse_args()
+    check_output(args.output, folder=False)  # before any work
     if args.limit < 0 or args.batch_size <= 0 or args.templates <= 0:
         raise UserError("--limit must be >= 0, --batch_size and --templates positive")
     device = pick_device(args.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 from shared.config import load_config
 from shared.errors import UserError, run_main
 from shared.images import load_images
-from shared.run import find_run_dir
+from shared.run import check_output, find_run_dir
 from shared.trainer import pick_device
 from vqvae.config import VQVAERunConfig
 from vqvae.task import reconstruction_metrics
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", help="JSON file to write; default: <run>/eval_<split>.json")
     args = p.parse_args()
+    check_output(args.out, folder=False)  # before any work
     if args.limit < 0 or args.batch_size <= 0:
         raise UserError("--limit must be >= 0 and --batch_size positive")
 

@@ -22,6 +22,7 @@ from flow_matching.load import load_model, parse_class
 from shared.errors import UserError, run_main
 from shared.grid import class_grid
 from shared.images import grid_shape, image_grid, save_png
+from shared.run import check_output
 from shared.trainer import pick_device
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    check_output(args.output_dir, folder=True)  # before any work
     if args.class_grid and (args.num_samples is not None or args.class_label is not None):
         raise UserError("--class_grid draws every class: do not combine it with --num_samples or --class_label")
     if args.samples_per_class is not None and not args.class_grid:

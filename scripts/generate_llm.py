@@ -11,14 +11,10 @@ import sys
 
 import torch
 
-from llm.config import LLMRunConfig
 from llm.generate import document_prompt, generate, real_tokens
-from llm.model import Decoder
-from llm.tokenizer import load_tokenizer
-from shared.checkpoint import EMA_FILE, load_weights, resolve_checkpoint
-from shared.config import from_dict, load_toml
+from llm.load import load_llm_run
 from shared.errors import UserError, run_main
-from shared.run import find_run_dir
+from shared.run import finite_float, non_negative_int
 from shared.trainer import pick_device
 
 
@@ -27,9 +23,9 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=50, help="0 = off")
-    p.add_argument("--top_p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=non_negative_int, default=50, help="0 = off")
+    p.add_argument("--top_p", type=finite_float, default=0.95, help="1 = off")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step (slow; for checking)")
@@ -39,15 +35,10 @@ def main() -> None:
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
         raise UserError("need 0 < top_p <= 1, temperature >= 0, max_new_tokens >= 1 and num_samples >= 1")
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    run_dir = find_run_dir(ckpt)
-    cfg = from_dict(LLMRunConfig, load_toml(run_dir / "config.toml"))
-    tok = load_tokenizer(str(run_dir / "tokenizer.json"))
+    run = load_llm_run(args.checkpoint, use_ema=not args.no_ema)
+    cfg, tok, ckpt, ema = run.cfg, run.tokenizer, run.ckpt, run.ema
     device = pick_device(args.device)
-    model = Decoder(cfg.model, cfg.data.seq_len)
-    ema = not args.no_ema and (ckpt / EMA_FILE).is_file()  # what the run's own evaluations used
-    load_weights(model, ckpt, ema=ema)
-    model.to(device).eval()
+    model = run.model.to(device)
     if not tok.encode(args.prompt):
         raise UserError("the prompt is empty after tokenisation")
     ids = document_prompt(tok, args.prompt)

@@ -23,6 +23,7 @@ from multimodal.load import load_run
 from shared.errors import UserError, run_main
 from shared.grid import class_grid
 from shared.images import grid_shape, image_grid, read_image_files, save_png
+from shared.run import check_output
 from shared.trainer import pick_device
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    check_output(args.output_dir, folder=True)  # before any work
     if args.class_grid and args.num_samples is not None:
         raise UserError("--class_grid draws every class: do not combine it with --num_samples")
     if args.samples_per_class is not None and not args.class_grid:

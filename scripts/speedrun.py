@@ -23,6 +23,7 @@ from llm.speedrun import (build_record, check_comparable, check_label, compare, 
                           ensure_writable, format_budget, git_state, load_record, parse_budget, read_run, require_runs,
                           resolve_preset, summary_lines, write_leaderboard, write_record)
 from shared.errors import UserError, run_main
+from shared.run import finite_float
 
 ROOT = Path(__file__).resolve().parent.parent
 RESERVED = ("train.seed", "train.budget")  # set by --seed0 and --budget, never by an override
@@ -112,10 +113,10 @@ def main() -> None:
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
-    p.add_argument("--confidence", type=float, default=95.0, help="level of the difference's interval, in percent")
+    p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the flags
     if not 0 < args.confidence < 100:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
     training = [f for f in ("preset", "budget") if getattr(args, f)] + (["overrides"] if args.overrides else [])

@@ -23,8 +23,8 @@ from shared.trainer import Trainer, count_params
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    args = p.parse_args()
-    cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data})
+    args = p.parse_intermixed_args()  # overrides may sit before or after the flags
+    cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data}, package="classifier")
 
     train = load_images(cfg.data.source, "train")
     test = load_images(cfg.data.source, "test")

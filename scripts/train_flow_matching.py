@@ -25,9 +25,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--train_images", type=int, help="image budget (overrides train.budget), e.g. 5000000")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, FlowMatchingRunConfig, {
-        "data.source": args.data, "train.budget": args.train_images})
+        "data.source": args.data, "train.budget": args.train_images}, package="flow_matching")
 
     train = load_images(cfg.data.source, "train")
     test = load_images(cfg.data.source, "test")

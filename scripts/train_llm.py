@@ -25,9 +25,9 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--train_tokens", type=int, help="token budget (overrides train.budget), e.g. 20000000")
     p.add_argument("--tokenizer", help="Hub name, tokenizer.json, vocab.json+merges.txt folder, or bpe:N")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, LLMRunConfig, {
-        "data.source": args.data, "data.tokenizer": args.tokenizer, "train.budget": args.train_tokens})
+        "data.source": args.data, "data.tokenizer": args.tokenizer, "train.budget": args.train_tokens}, package="llm")
     if cfg.data.source.startswith("hf:") and cfg.data.max_tokens == 0:
         cfg.data.max_tokens = int(cfg.train.budget * 1.05)  # stream what the budget needs, not the whole corpus
 

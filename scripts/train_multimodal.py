@@ -40,9 +40,9 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--vqvae", help="VQ-VAE run folder or checkpoint (scripts/train_vqvae.py); overrides data.vqvae")
     p.add_argument("--train_images", type=int, help="image budget (overrides train.budget): sequences, one image each")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, MultimodalRunConfig, {
-        "data.source": args.data, "data.vqvae": args.vqvae, "train.budget": args.train_images})
+        "data.source": args.data, "data.vqvae": args.vqvae, "train.budget": args.train_images}, package="multimodal")
     if not cfg.data.vqvae:
         raise UserError("no VQ-VAE given: pass --vqvae RUN (a run of scripts/train_vqvae.py) or set data.vqvae")
     cfg.data.vqvae = str(Path(cfg.data.vqvae).resolve())  # the run is read later from other folders

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -14,8 +15,14 @@ class ConfigError(UserError):
     """An unknown key, a wrong type or an impossible combination in a config."""
 
 
+def _argparse_error(parser: argparse.ArgumentParser, message: str):
+    raise UserError(f"{parser.prog}: {message} (see --help)")
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 2.
+    Argument errors too: argparse would print its usage block first, several lines."""
+    argparse.ArgumentParser.error = _argparse_error
     try:
         main()
     except UserError as e:

@@ -37,10 +37,19 @@ class OptimConfig:
     matrix_optimizer: Literal["muon", "adamw"] = "muon"  # "adamw": one AdamW at adam_lr trains everything (a baseline)
 
     def __post_init__(self):
+        # written so that NaN fails every check (NaN compares false)
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
-        if self.warmup_steps < 0 or self.muon_lr <= 0 or self.adam_lr <= 0:
-            raise ConfigError("optim: learning rates must be positive and warmup_steps non-negative")
+        if not (self.warmup_steps >= 0 and 0 < self.muon_lr < math.inf and 0 < self.adam_lr < math.inf):
+            raise ConfigError("optim: learning rates must be positive and finite, warmup_steps non-negative")
+        if not (0.0 <= self.min_lr_ratio <= 1.0 and 0.0 <= self.grad_clip < math.inf):
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] and optim.grad_clip >= 0 (0 = off), got "
+                              f"{self.min_lr_ratio} and {self.grad_clip}")
+        for name in ("muon_momentum", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (0.0 <= self.muon_weight_decay < math.inf and 0.0 <= self.adam_weight_decay < math.inf):
+            raise ConfigError("optim: weight decays must be non-negative and finite")
 
 
 def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (nn.Embedding,),

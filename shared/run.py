@@ -4,7 +4,12 @@ config, resume, and the closing report."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import fcntl
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,6 +18,98 @@ from .config import apply_overrides, dump_toml, from_dict, load_toml, to_dict
 from .errors import UserError
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = ".lock"
+_held_locks: list = []  # open lock files: held until the process exits
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on the run folder for this process's life: a second process with the
+    same experiment name is refused in one line instead of interleaving configs and checkpoints.
+    A folder that holds nothing but the lock when the process ends (a refused run) is removed."""
+    fresh = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{run_dir} is in use by another process (pid {owner}): wait for it to finish or choose "
+                        "another --experiment_name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks.append(f)
+
+    def release() -> None:
+        if fresh and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    atexit.register(release)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` and write a probe file in it, or fail in one line before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {folder} is not writable: {e.strerror or e}") from None
+
+
+def check_output(path: str | Path | None, folder: bool) -> Path | None:
+    """Refuse, before any work, an output that could not be written: a file where a folder is
+    expected or the reverse, or a parent that is a file or read-only."""
+    if path is None:
+        return None
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; give a folder for the output")
+    if not folder and path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name for the output")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{existing} is a file, so {path} cannot be created")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write under {existing}")
+    return path
+
+
+def find_preset(config: str, package: str | None) -> str:
+    """`--config debug` means configs/<package>/debug.toml; a path is taken as it is."""
+    path = Path(config)
+    if path.exists() or package is None or "/" in config or config.endswith(".toml"):
+        return config
+    preset = ROOT / "configs" / package / f"{config}.toml"
+    if preset.is_file():
+        return str(preset)
+    names = ", ".join(sorted(p.stem for p in (ROOT / "configs" / package).glob("*.toml")))
+    raise UserError(f"--config {config!r} is neither a file nor a {package} preset ({names})")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -25,11 +122,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.batch_size=8")
 
 
-def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object]) -> tuple[T, Path, Path | None]:
-    """(config, run folder, checkpoint to resume from or None). `extra` maps dotted keys to values
-    from dedicated flags (None = not given); they apply after the config file, before overrides."""
+def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object],
+                package: str | None = None) -> tuple[T, Path, Path | None]:
+    """(config, run folder, checkpoint to resume from or None), with the run folder locked for this
+    process. `extra` maps dotted keys to values from dedicated flags (None = not given); they apply
+    after the config file, before overrides. `package` names the preset folder for `--config NAME`."""
     if not args.experiment_name and not args.config:
         raise UserError("give --config (a preset TOML) or --experiment_name of a run to resume")
+    if args.config:
+        args.config = find_preset(args.config, package)
     name = args.experiment_name or Path(args.config).stem
     run_dir = Path(args.runs_dir) / name
     resume = None
@@ -48,6 +149,7 @@ def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object]
         raise UserError(f"no --config given and {run_dir / 'config.toml'} not found")
     flags = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
     cfg = from_dict(cls, apply_overrides(data, flags + list(args.overrides)))
+    lock_run_dir(run_dir)
     return cfg, run_dir, resume
 
 

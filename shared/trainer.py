@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
+import shutil
 import signal
 import threading
 import time
@@ -31,6 +33,7 @@ from .ema import EMA
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
 from .optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+from .run import check_writable
 
 
 @dataclass
@@ -48,13 +51,21 @@ class TrainConfig:
     compile: bool = False
     ema_decay: float = 0.0  # 0 turns EMA off
     device: str = "auto"
+    # a non-finite loss or gradient norm: "stop" (checked on the device every step, read at logging
+    # points: no extra sync) or "skip" the update (one host sync per step), stopping after max_skips in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = 10
 
     def __post_init__(self):
-        for name in ("budget", "batch_size", "grad_accum", "log_every"):
+        for name in ("budget", "batch_size", "grad_accum", "log_every", "max_skips"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
+        if min(self.eval_every, self.sample_every, self.ckpt_every, self.keep_checkpoints) < 0:
+            raise ConfigError("train.eval_every, sample_every, ckpt_every and keep_checkpoints must not be negative")
+        if not 0.0 <= self.ema_decay < 1.0:  # NaN fails this too
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
 
 class BatchSource(Protocol):
@@ -140,14 +151,16 @@ class Trainer:
         self.total_steps = math.ceil(cfg.budget / self.units_per_step)
         self.step, self.train_time, self.compile_time, self.timed_units = 0, 0.0, 0.0, 0
         self.quiet = quiet
-        self.stop_requested = False  # set by Ctrl-C: stop at the next step boundary and checkpoint
+        self.stop_requested = False  # set by Ctrl-C or SIGTERM: stop at the next step boundary and checkpoint
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.skipped = self.skips_in_row = 0
 
     # ---------------------------------------------------------------- state
     def _state(self) -> dict:
         state = {"step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
                  "timed_units": self.timed_units,
                  "optimizers": [o.state_dict() for o in self.optimizers], "data": self.data.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "units_per_step": self.units_per_step}
+                 "rng_cpu": torch.get_rng_state(), "units_per_step": self.units_per_step, "skipped": self.skipped}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
@@ -155,8 +168,22 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self._state(),
-                               self.ema.shadow if self.ema else None, keep=self.cfg.keep_checkpoints)
+        """Write a checkpoint, unless the weights are not finite: a diverged run must never replace
+        (or prune) its last good checkpoint. A failed write (a full disk) keeps the previous one."""
+        modules = [self.model] + ([self.ema.shadow] if self.ema else [])
+        finite = torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all()
+        if not finite:  # one sync per checkpoint
+            raise UserError(f"the weights at step {self.step} are not finite; no checkpoint written, "
+                            f"the last good one is kept in {self.run_dir / 'checkpoints'}")
+        ckpt_dir = self.run_dir / "checkpoints"
+        try:
+            return save_checkpoint(ckpt_dir, self.step, self.model, self._state(),
+                                   self.ema.shadow if self.ema else None, keep=self.cfg.keep_checkpoints)
+        except OSError as e:
+            for partial in ckpt_dir.glob(".step_*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise UserError(f"could not write a checkpoint at step {self.step} in {ckpt_dir} ({e.strerror or e}); "
+                            "the previous checkpoint is kept") from None
 
     def _restore(self, ckpt: Path) -> None:
         state = load_state(ckpt)
@@ -179,7 +206,7 @@ class Trainer:
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.step, self.train_time, self.compile_time = state["step"], state["train_time"], state["compile_time"]
-        self.timed_units = state["timed_units"]
+        self.timed_units, self.skipped = state["timed_units"], state.get("skipped", 0)
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +221,23 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.optim_cfg.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        for opt in self.optimizers:
-            opt.step()
+        bad = ~(torch.isfinite(total) & torch.isfinite(grad_norm))
+        skip = False
+        if self.cfg.on_nonfinite == "skip":
+            skip = bool(bad)  # the one host sync per step that skipping costs
+            self.skips_in_row = self.skips_in_row + 1 if skip else 0
+            self.skipped += skip
+            if self.skips_in_row >= self.cfg.max_skips:
+                raise UserError(f"training diverged: {self.skips_in_row} non-finite steps in a row up to step "
+                                f"{self.step + 1}; the last good checkpoint is kept")
+        else:
+            self.nonfinite = self.nonfinite | bad  # read where the loop synchronises anyway
+        if not skip:
+            for opt in self.optimizers:
+                opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and not skip:
             self.ema.update(self.model)
         self.step += 1
         return total / self.cfg.grad_accum, grad_norm
@@ -238,7 +277,9 @@ class Trainer:
         if resume_from is not None:
             refuse_finished(resume_from, self.run_dir, cfg.budget, unit)  # before the run folder is rewritten
             self._restore(resume_from)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.run_dir / "checkpoints", "the checkpoint folder")  # before the first step, not at the first save
+        for partial in (self.run_dir / "checkpoints").glob(".step_*.partial"):  # left by a killed process
+            shutil.rmtree(partial, ignore_errors=True)
         if on_start is not None:
             on_start()
         logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
@@ -267,6 +308,9 @@ class Trainer:
                 if not (log_now or any(due)):
                     continue  # no host synchronisation between logging points: the GPU runs ahead
                 loss_value = loss.item() if log_now else None
+                if self.nonfinite.item():  # set on the device by any step since the last check
+                    raise UserError(f"training diverged: a non-finite loss or gradient norm by step {self.step}; "
+                                    "no checkpoint of it was written (train.on_nonfinite=\"skip\" skips such steps)")
                 self._sync()
                 dt, now_units = time.perf_counter() - mark, pending_steps * self.units_per_step
                 if warmup_left:  # this process's first step, which pays for compilation
@@ -278,9 +322,11 @@ class Trainer:
                     window_units += now_units
                     window_time += dt
                 pending_steps = 0
-                if loss_value is not None:
-                    if not math.isfinite(loss_value):
+                if loss_value is not None and not math.isfinite(loss_value):
+                    if cfg.on_nonfinite == "stop":
                         raise UserError(f"training diverged: loss is {loss_value} at step {self.step}")
+                    loss_value = None  # a skipped step: nothing to log
+                if loss_value is not None:
                     rate = window_units / window_time if window_time > 0 else 0.0
                     extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
                     logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
@@ -315,6 +361,7 @@ class Trainer:
             "compile_warmup_s": round(self.compile_time, 3),
             f"{unit}_per_s": round(self.timed_units / self.train_time, 1) if self.train_time > 0 else None,
             "final_eval": eval_metrics,
+            "skipped_steps": self.skipped,
             "precision": str(self.dtype).removeprefix("torch."),
             "compile": self.cfg.compile,
             "hardware": hardware_info(self.device),
@@ -338,8 +385,9 @@ def refuse_finished(resume: Path | None, run_dir: Path, budget: int, unit: str) 
 
 
 class _stop_on_interrupt:
-    """The first Ctrl-C asks the loop to stop cleanly at the next step boundary (a checkpoint
-    taken mid-step could not resume exactly); a second one interrupts at once."""
+    """The first Ctrl-C or SIGTERM (what schedulers and `docker stop` send) asks the loop to stop
+    cleanly at the next step boundary (a checkpoint taken mid-step could not resume exactly); a
+    second one interrupts at once."""
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.previous = trainer, None
@@ -348,14 +396,15 @@ class _stop_on_interrupt:
         if self.trainer.stop_requested:
             raise KeyboardInterrupt
         self.trainer.stop_requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", flush=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step (again to abort without a checkpoint)", flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in (self.previous or {}).items():
+            signal.signal(s, handler)
         return False

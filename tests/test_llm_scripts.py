@@ -22,8 +22,8 @@ def test_missing_data_path_is_one_clear_line(tmp_path):
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path):
-    proc = run_script("train_llm.py", "--config", DEBUG, "train.batchsize=8", cwd=tmp_path)
-    assert_one_line_error(proc, "unknown config key", "batchsize")
+    proc = run_script("train_llm.py", "--config", DEBUG, "train.batchsize=8", "--experiment_name", "x", cwd=tmp_path)
+    assert_one_line_error(proc, "unknown config key", "batchsize")  # overrides may come before a flag
     proc = run_script("train_llm.py", "--config", DEBUG, "model.n_heads=3", cwd=tmp_path)
     assert_one_line_error(proc, "n_heads")
     proc = run_script("train_llm.py", "--config", DEBUG, "train.batch_size=\"many\"", cwd=tmp_path)

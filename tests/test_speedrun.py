@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +145,13 @@ def test_bad_input_is_one_clear_line(tmp_path):
         ([*train, "--runs", "2", "--compare", str(tmp_path / "corrupt.json")], ["corrupt", "corrupt.json"]),
         (["--compare", str(base), "--candidate", str(other)], ["cannot compare", "4,096"]),
         ([*train, "--runs", "2", "train.seed=3"], ["--seed0"]),
+        ([*train, "optim.adam_lr=0.01", "--runs", "2", "train.seed=3"], ["--seed0"]),  # overrides around flags
         (["--preset", "debug", "--budget", "2048", "--records_dir", str(tmp_path / "file" / "records")], ["not writable"]),
     ]
-    for args, fragments in cases:
-        assert_one_line_error(run_script("speedrun.py", *args, cwd=tmp_path), *fragments)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: each is mostly interpreter start-up
+        procs = list(pool.map(lambda case: run_script("speedrun.py", *case[0], cwd=tmp_path), cases))
+    for (args, fragments), proc in zip(cases, procs):
+        assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "runs").exists()  # every refusal came before any training
     with pytest.raises(UserError, match="unknown preset 'nope': give one of blueberry-151m, blueberry-88m, debug"):
         resolve_preset("nope", ROOT / "configs" / "llm")
