@@ -277,3 +277,18 @@ def test_trains_on_a_real_image_folder(data_dir, tmp_path):
     assert json.loads((run / "classes.json").read_text())[:3] == ["airplane", "automobile", "bird"]
     assert "train: nine tenths" in proc.stdout and "test: held-out tenth" in proc.stdout
     assert Image.open(run / "samples" / "step_000004.png").height == 10 * 34 + 2
+
+
+@pytest.mark.parametrize("name,millions", [("dit-s", 32.4), ("dit-b", 129.5)])
+def test_preset_sizes_match_their_labels(name, millions):
+    from flow_matching.config import FlowMatchingRunConfig
+    from flow_matching.dit import DiT2D
+    from shared.config import load_config
+    from shared.trainer import count_params
+
+    cfg = load_config(FlowMatchingRunConfig, ROOT / "configs" / "flow_matching" / f"{name}.toml", ["model.num_classes=10"])
+    with torch.device("meta"):
+        model = DiT2D(cfg.model)
+    assert round(count_params(model) / 1e6, 1) == millions
+    label = (ROOT / "configs" / "flow_matching" / f"{name}.toml").read_text().splitlines()[0]
+    assert f"{millions}M" in label or f"{millions:.0f}M" in label, label

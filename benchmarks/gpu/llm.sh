@@ -8,7 +8,7 @@
 #                      GPT-2 tokenizer (the Hub's SmolLM2 tokenizer and Cosmopedia are unreachable
 #                      there), RUNS seeds (default 2), as a record                     (~2 min a run)
 # Carry [".gpu/llm"] in the speedrun call. Results go to $OUT (or .gpu/out elsewhere).
-# Dry run on a CPU: PRESET=debug BUDGET=20k THROUGHPUT_PRESETS=debug bash benchmarks/gpu/llm.sh ...
+# Dry run on a CPU: benchmarks/gpu/README.md (PRESET=debug BUDGET=20k THROUGHPUT_PRESETS=debug)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 G=.gpu
