@@ -17,7 +17,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.run import check_writable
 from shared.stats import mean_std, welch_less
 
 SCHEMA = 1
@@ -91,11 +90,6 @@ def hardware_string(hw: dict | None) -> str:
     if hw.get("gpu"):
         return str(hw["gpu"])
     return f"{hw.get('device', 'cpu')} {hw.get('cpu', '')} ({hw.get('cpu_threads', '?')} threads)".replace("  ", " ")
-
-
-def ensure_writable(folder: Path) -> None:
-    """Fail before any training if the record could not be written."""
-    check_writable(folder, "records folder")
 
 
 def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:

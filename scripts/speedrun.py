@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 
 from llm.speedrun import (build_record, check_comparable, check_label, compare, comparison_lines, derive_label,
-                          ensure_writable, format_budget, git_state, load_record, parse_budget, read_run, require_runs,
+                          format_budget, git_state, load_record, parse_budget, read_run, require_runs,
                           resolve_preset, summary_lines, write_leaderboard, write_record)
 from shared.errors import UserError, run_main
-from shared.run import finite_float
+from shared.run import check_writable, finite_float
 
 ROOT = Path(__file__).resolve().parent.parent
 RESERVED = ("train.seed", "train.budget")  # set by --seed0 and --budget, never by an override
@@ -71,7 +71,7 @@ def speedrun(args: argparse.Namespace) -> None:
         baseline = load_record(args.compare)
         check_comparable(baseline, preset, budget, args.compare)
         require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
-    ensure_writable(records)  # a bad override is refused by the first run, in its first seconds
+    check_writable(records, "records folder")  # a bad override is refused by the first run, in its first seconds
 
     commit, dirty = git_state(ROOT)  # the code that trains, before a record makes the tree dirty
     created = datetime.now().astimezone()
@@ -123,7 +123,7 @@ def main() -> None:
     if args.leaderboard:
         if training or args.compare or args.candidate:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
-        ensure_writable(Path(args.records_dir))
+        check_writable(Path(args.records_dir), "records folder")
         print(f"wrote {write_leaderboard(Path(args.records_dir))}")
     elif args.candidate:
         if not args.compare:

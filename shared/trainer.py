@@ -323,9 +323,7 @@ class Trainer:
                     window_time += dt
                 pending_steps = 0
                 if loss_value is not None and not math.isfinite(loss_value):
-                    if cfg.on_nonfinite == "stop":
-                        raise UserError(f"training diverged: loss is {loss_value} at step {self.step}")
-                    loss_value = None  # a skipped step: nothing to log
+                    loss_value = None  # a skipped step (a stopping run was refused above): nothing to log
                 if loss_value is not None:
                     rate = window_units / window_time if window_time > 0 else 0.0
                     extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
