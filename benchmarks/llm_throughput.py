@@ -4,6 +4,7 @@ shared trainer, model FLOPs utilisation on a GPU, and peak memory. Prints one JS
     python benchmarks/llm_throughput.py --preset blueberry-88m --compile
     python benchmarks/llm_throughput.py --preset blueberry-88m --compile --loss_chunk 0   # full fp32 logits
     python benchmarks/llm_throughput.py --preset debug --steps 10          # a CPU smoke run
+    torchrun --standalone --nproc_per_node 1 benchmarks/llm_throughput.py --preset blueberry-88m --compile   # DDP path
 
 FLOPs per token (llm.model.matmul_flops_per_token): 6 x every matmul weight, the output layer
 included and the embedding lookup not, plus 12 x layers x width x sequence for attention (PaLM's
@@ -73,10 +74,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--loss_chunk", type=int, help="tokens per output-layer chunk (default: the preset's; 0 = full logits)")
     p.add_argument("--doc_mask", action="store_true", help="attention inside documents (a synthetic EOS every ~500 tokens)")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: the data-parallel mode (torchrun --nproc_per_node 1 measures its overhead)")
     args = p.parse_args()
     path = Path(args.preset) if args.preset.endswith(".toml") else ROOT / "configs" / "llm" / f"{args.preset}.toml"
     overrides = [f"model.vocab_size={args.vocab_size}", f"train.compile={str(args.compile).lower()}",
-                 f"train.precision=\"{args.precision}\"", f"train.device=\"{args.device}\"", "train.grad_accum=1"]
+                 f"train.precision=\"{args.precision}\"", f"train.device=\"{args.device}\"", "train.grad_accum=1",
+                 f"train.parallel=\"{args.parallel}\""]
     overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += [f"data.seq_len={args.seq_len}"] if args.seq_len else []
     overrides += [f"model.loss_chunk={args.loss_chunk}"] if args.loss_chunk is not None else []
@@ -109,6 +113,8 @@ def main() -> None:
         "model_flops_per_token": flops_per_token, "achieved_tflops": round(tokens_per_s * flops_per_token / 1e12, 3),
         "mfu": round(tokens_per_s * flops_per_token / peak, 4) if peak else None,
         "peak_tflops_assumed": peak / 1e12 if peak else None,
+        "world_size": trainer.dist.world,
+        "parallel": (args.parallel if trainer.dist.active else "none"),
         "hardware": hardware_info(trainer.device),
     }
     if trainer.device.type == "cuda":

@@ -24,14 +24,14 @@ class FlowMatchingTask:
     def __init__(self, flow: FlowConfig, sample_cfg: SampleConfig, eval_set: ImageSet, classes: tuple[str, ...],
                  eval_batch_size: int = 256):
         self.path = StraightPath()
-        self.times = time_sampler(flow.time_sampling, flow.logit_mean, flow.logit_std)
+        self.times = time_sampler(flow.time_sampling, flow.logit_mean, flow.logit_std, flow.uniform_mix)
         self.label_dropout = flow.label_dropout
         self.sample_cfg, self.classes = sample_cfg, classes
         self.eval_set, self.eval_batch_size = eval_set, eval_batch_size
 
     def loss(self, model: DiT2D, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # noise, times and dropped labels come from torch's global RNG: the trainer saves and
-        # restores it, so a resumed run draws exactly what an uninterrupted one would
+        # noise, times and dropped labels come from torch's global RNG, which the trainer seeds from
+        # (seed, step, micro-batch): a resumed or multi-process run draws what one uninterrupted process would
         data, labels = batch
         noise = torch.randn_like(data)
         t = self.times.sample(len(data), device=data.device)

@@ -240,6 +240,10 @@ class PackedBatches:
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1], chunk[:, 1:]
 
+    def skip_batch(self) -> None:
+        """Advance past a batch without building it (another process trains on it)."""
+        self.order.next()
+
     def state_dict(self) -> dict:  # the keys checkpoints have always held
         s = self.order.state_dict()
         return {"epoch": s["epoch"], "cursor": s["cursor"], "seed": s["seed"], "n_rows": s["n"]}

@@ -17,6 +17,15 @@ from .tokenizer import TextTokenizer
 
 
 def check_exportable(model: Decoder) -> None:
+    c = model.cfg
+    options = [name for name in ("mlp_hidden_last", "depth_init", "gated_attn", "sandwich_norm", "embed_scale",
+                                 "value_embeds", "residual_scalars", "logit_softcap") if getattr(c, name)]
+    if options:
+        raise UserError(f"this run uses {', '.join('model.' + o for o in options)}, which Qwen3/Llama cannot express; "
+                        "export maps the default architecture only")
+    if model.cfg.moe_experts:
+        raise UserError("this run is a mixture of experts: export maps dense models only (Qwen3/Llama); "
+                        "a Qwen3-MoE mapping is not written yet")
     if model.cfg.mlp != "swiglu":
         raise UserError(f"this run's MLP is {model.cfg.mlp!r}: the squared-ReLU MLP has no standard Hugging Face "
                         "architecture; export needs model.mlp = \"swiglu\" (the blueberry-151m preset)")

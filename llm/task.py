@@ -38,7 +38,14 @@ class LanguageModelTask:
 
     def loss(self, model: Decoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        self._model = model  # its mixture-of-experts layers hold the routing figures train_metrics reports
         return model(x, targets=y, doc_ids=self.doc_ids(x))
+
+    def train_metrics(self) -> dict:
+        model = getattr(self, "_model", None)
+        if model is None:
+            return {}
+        return {f"moe/layer{i}/{k}": v for i, moe in model.moe_layers() for k, v in moe.pop_stats().items()}
 
     @torch.no_grad()
     def evaluate(self, model: Decoder) -> dict[str, float]:
@@ -51,7 +58,7 @@ class LanguageModelTask:
             x, y = rows[:, :-1], rows[:, 1:].flatten()
             h = model.hidden(x, doc_ids=self.doc_ids(x)).flatten(0, 1)
             for s in range(0, len(h), EVAL_CHUNK):  # one chunk of logits at a time
-                logits = model.lm_head(h[s:s + EVAL_CHUNK]).float()
+                logits = model.logits(h[s:s + EVAL_CHUNK]).float()
                 loss_sum += F.cross_entropy(logits, y[s:s + EVAL_CHUNK], reduction="sum")
                 correct += (logits.argmax(-1) == y[s:s + EVAL_CHUNK]).sum()
             count += y.numel()

@@ -106,6 +106,10 @@ class SequenceBatches:
         ids, kinds = self.layout.assemble(codes, prompts, self.tails[labels, template], to_image)
         return ids[:, :-1], ids[:, 1:], kinds[:, 1:]
 
+    def skip_batch(self) -> None:
+        """Advance past a batch without building it (another process trains on it)."""
+        self.order.next()
+
     def state_dict(self) -> dict:
         return self.order.state_dict()
 

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9
+from shared.distributed import main_first
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, load_images, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
@@ -26,8 +27,9 @@ def main() -> None:
     args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data}, package="classifier")
 
-    train = load_images(cfg.data.source, "train")
-    test = load_images(cfg.data.source, "test")
+    with main_first():  # rank 0 decodes into the cache, the other processes then read it
+        train = load_images(cfg.data.source, "train")
+        test = load_images(cfg.data.source, "test")
     if test.classes != train.classes:
         raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
     test = test.subset(cfg.data.eval_images)

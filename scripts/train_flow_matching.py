@@ -15,6 +15,7 @@ import torch
 from flow_matching.config import FlowMatchingRunConfig
 from flow_matching.dit import DiT2D
 from flow_matching.task import FlowMatchingTask
+from shared.distributed import main_first
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, load_images, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
@@ -29,8 +30,9 @@ def main() -> None:
     cfg, run_dir, resume = resolve_run(args, FlowMatchingRunConfig, {
         "data.source": args.data, "train.budget": args.train_images}, package="flow_matching")
 
-    train = load_images(cfg.data.source, "train")
-    test = load_images(cfg.data.source, "test")
+    with main_first():  # rank 0 decodes into the cache, the other processes then read it
+        train = load_images(cfg.data.source, "train")
+        test = load_images(cfg.data.source, "test")
     print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
     if test.classes != train.classes:
         raise UserError(f"the train and test splits of {cfg.data.source} have different classes")

@@ -13,8 +13,9 @@ import torch
 
 from llm.config import LLMRunConfig, padded_vocab
 from llm.data import PackedBatches, prepare_data, validation_rows
-from llm.model import Decoder
+from llm.model import Decoder, active_params
 from llm.task import LanguageModelTask
+from shared.distributed import main_first
 from shared.errors import UserError, run_main
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
@@ -31,7 +32,8 @@ def main() -> None:
     if cfg.data.source.startswith("hf:") and cfg.data.max_tokens == 0:
         cfg.data.max_tokens = int(cfg.train.budget * 1.05)  # stream what the budget needs, not the whole corpus
 
-    cache = prepare_data(cfg.data)
+    with main_first():  # rank 0 tokenises into the cache, the other processes then read it
+        cache = prepare_data(cfg.data)
     tok = cache.tokenizer
     print(f"data: {cache.description}")
     train_tokens, val_tokens = len(cache.tokens("train")), len(cache.tokens("val"))
@@ -50,9 +52,11 @@ def main() -> None:
 
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.data.seq_len)
-    print(f"model: {count_params(model) / 1e6:.1f}M parameters ({cfg.model.n_layers} layers, width {cfg.model.d_model}, "
-          f"{cfg.model.n_heads}/{cfg.model.n_kv_heads} query/KV heads, {cfg.model.mlp} MLP, "
-          f"{'tied' if cfg.model.tie_embeddings else 'untied'} embeddings)")
+    m = cfg.model
+    mlp = (f"{m.mlp} MLP" if not m.moe_experts else
+           f"{m.mlp} mixture of {m.moe_experts} experts, top-{m.moe_top_k}, {active_params(model) / 1e6:.1f}M active")
+    print(f"model: {count_params(model) / 1e6:.1f}M parameters ({m.n_layers} layers, width {m.d_model}, "
+          f"{m.n_heads}/{m.n_kv_heads} query/KV heads, {mlp}, {'tied' if m.tie_embeddings else 'untied'} embeddings)")
 
     data = PackedBatches(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     val = validation_rows(cache.tokens("val"), cfg.data.seq_len, cfg.data.val_tokens)

@@ -27,6 +27,7 @@ from multimodal.sequences import SequenceLayout
 from multimodal.task import MultimodalTask
 from multimodal.vocab import Vocabulary
 from shared.cache import cache_root
+from shared import distributed
 from shared.config import load_config
 from shared.errors import ConfigError, UserError, run_main
 from shared.images import load_images, save_classes
@@ -47,10 +48,12 @@ def main() -> None:
         raise UserError("no VQ-VAE given: pass --vqvae RUN (a run of scripts/train_vqvae.py) or set data.vqvae")
     cfg.data.vqvae = str(Path(cfg.data.vqvae).resolve())  # the run is read later from other folders
     refuse_finished(resume, run_dir, cfg.train.budget, "images")
-    device = pick_device(cfg.train.device)
+    local = distributed.setup()
+    device = pick_device(cfg.train.device, local.local_rank if local.active else None)
     vq = VQTokenizer.from_run(cfg.data.vqvae, device=device)
 
-    train, test = load_images(cfg.data.source, "train"), load_images(cfg.data.source, "test")
+    with distributed.main_first():  # rank 0 fills the caches, the other processes then read them
+        train, test = load_images(cfg.data.source, "train"), load_images(cfg.data.source, "test")
     if test.classes != train.classes:
         raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
     s = vq.image_size
@@ -71,8 +74,9 @@ def main() -> None:
     else:
         texts = [render(t, n) for n in names for t in cfg.data.templates]
         key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
-        text = load_tokenizer(cfg.data.tokenizer, train_texts=lambda: texts, cache_dir=cache_root() / "tokenizers",
-                              corpus_key=f"captions-{key}")
+        with distributed.main_first():
+            text = load_tokenizer(cfg.data.tokenizer, train_texts=lambda: texts, cache_dir=cache_root() / "tokenizers",
+                                  corpus_key=f"captions-{key}")
         vocab = Vocabulary(text.vocab_size, vq.codebook_size, vq.grid_shape, text.fingerprint, vq.fingerprint, vq.source)
     captions = CaptionTable(names, cfg.data.templates, text.encode, cfg.data.max_caption_tokens)
     layout = SequenceLayout(vocab, cfg.data.max_caption_tokens, cfg.data.input_image_loss)
@@ -89,8 +93,9 @@ def main() -> None:
     print(f"captions: {len(cfg.data.templates)} templates x {len(names)} classes, e.g. {captions.texts[0][0]!r}, "
           f"{captions.texts[-1][-1]!r} (longest {captions.longest} tokens)")
 
-    train_tokens = encode_images(train, "train", vq)
-    test_tokens = encode_images(test, "test", vq)
+    with distributed.main_first():
+        train_tokens = encode_images(train, "train", vq)
+        test_tokens = encode_images(test, "test", vq)
     print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of the {test.description}")
 
     torch.manual_seed(cfg.train.seed)

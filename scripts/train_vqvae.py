@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from shared.errors import UserError, run_main
+from shared import distributed
+from shared.errors import ConfigError, UserError, run_main
 from shared.images import ImageBatches, load_images
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
@@ -29,8 +30,9 @@ def main() -> None:
     cfg, run_dir, resume = resolve_run(args, VQVAERunConfig, {"data.source": args.data, "train.budget": args.train_images},
                                        package="vqvae")
 
-    train = load_images(cfg.data.source, "train")
-    test = load_images(cfg.data.source, "test")
+    with distributed.main_first():  # rank 0 decodes into the cache, the other processes then read it
+        train = load_images(cfg.data.source, "train")
+        test = load_images(cfg.data.source, "test")
     s = cfg.model.image_size
     if tuple(train.images.shape[1:]) != (3, s, s):
         raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "
@@ -38,15 +40,21 @@ def main() -> None:
     eval_images = test.subset(cfg.data.eval_images).images
     print(f"data: {train.description}; evaluating on {len(eval_images):,} images of the {test.description}")
 
+    if cfg.gan.weight > 0 and distributed.current().active:  # the discriminator runs outside DDP's forward
+        raise ConfigError("gan.weight > 0 trains in one process only for now: drop gan.weight or launch one process")
     torch.manual_seed(cfg.train.seed)
-    model = VQVAE(cfg.model)
+    model = VQVAE(cfg.model, cfg.discriminator())  # a discriminator only with gan.weight > 0
     h, w = model.grid_shape
     print(f"model: {count_params(model) / 1e6:.2f}M parameters, {s}x{s} images -> {h}x{w} = {h * w} tokens from "
           f"{cfg.model.codebook_size:,} codes of dimension {cfg.model.code_dim} "
           f"({cfg.model.codebook_update} codebook, {cfg.model.gradient} gradients{', l2-normalised' if cfg.model.l2_codes else ''})")
+    if model.discriminator is not None:
+        print(f"adversarial loss: PatchGAN discriminator ({count_params(model.discriminator) / 1e6:.2f}M parameters, in the "
+              f"count above), hinge loss, weight {cfg.gan.weight}{' x adaptive' if cfg.gan.adaptive else ''} from step {cfg.gan.start}")
 
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
-    task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256))
+    task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256),
+                     gan=cfg.gan)
     # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
     describe_training(trainer, run_dir, resume)
@@ -58,6 +66,7 @@ def main() -> None:
         ("codebook usage", f"{ev['codes_used']:,} / {cfg.model.codebook_size:,} codes ({ev['codebook_usage']:.1%}), "
                            f"perplexity {ev['perplexity']:.1f}"),
         ("tokens per image", f"{ev['tokens_per_image']} ({h}x{w})"),
+        ("re-encode kept", f"{ev['reencode_kept']:.1%} of tokens; {ev['distinct_codes']:,} distinct codes after merging near-duplicates"),
         ("samples", str(run_dir / "samples")),
     ])
 

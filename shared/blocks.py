@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .muon import STACKED
+
 class RMSNorm(nn.RMSNorm):
     """torch's fused RMSNorm with a fixed eps: its default (the input dtype's epsilon) would be
     7.8e-3 for bf16 activations under autocast but 1.2e-7 in fp32."""
@@ -129,10 +131,14 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query KV heads, optional QK-norm and RoPE."""
+    """Multi-head attention with grouped-query KV heads, optional QK-norm and RoPE.
+
+    `gated`: each head's output is scaled by a sigmoid gate computed from the block's input
+    (Qiu et al. 2025, "gated attention"), which lets a head output nothing instead of attending
+    to a sink token."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, qk_norm: bool = True,
-                 causal: bool = True, bias: bool = False):
+                 causal: bool = True, bias: bool = False, gated: bool = False):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads:
@@ -147,19 +153,31 @@ class Attention(nn.Module):
         self.o = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.gate = nn.Linear(dim, n_heads, bias=True) if gated else None
+
+    def _out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Heads y [B, H, T, hd] -> the output projection, through the gate when there is one."""
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
+        return self.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, mask=None) -> torch.Tensor:
-        """`mask` (from `document_causal_mask`) replaces the causal rule, for packed training rows."""
+                cache: KVCache | None = None, layer: int = 0, mask=None,
+                value_extra: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (from `document_causal_mask`) replaces the causal rule, for packed training rows.
+        `value_extra` [B, T, kv_heads * hd] is added to the values (value embeddings)."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x)
+        if value_extra is not None:
+            v = v + value_extra
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if mask is not None:
-            return self.o(_masked_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
+            return self._out(x, _masked_attention(q, k, v, mask))
         start = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -172,7 +190,7 @@ class Attention(nn.Module):
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+        return self._out(x, y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,48 +230,57 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With `sandwich_norm`
+    each sub-block's output is normed too before it joins the residual stream: x + norm(attn(norm(x))).
 
     With `modulation` [B, 6, D] (shift, scale, gate for attention, then for the MLP) it is an
     adaLN block as in DiT; the caller owns the conditioning network that produces it.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, mlp: str = "swiglu",
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, mlp: str | nn.Module = "swiglu",
                  mlp_hidden: int | None = None, qk_norm: bool = True, causal: bool = True,
-                 norm_affine: bool = True):
+                 norm_affine: bool = True, gated_attn: bool = False, sandwich_norm: bool = False):
+        """`mlp`: a name in MLPS, or a module taking [B, T, D] to [B, T, D] (a mixture of experts)."""
         super().__init__()
-        if mlp not in MLPS:
+        if isinstance(mlp, str) and mlp not in MLPS:
             raise ValueError(f"unknown mlp {mlp!r}; choose one of {sorted(MLPS)}")
         self.norm1 = RMSNorm(dim, elementwise_affine=norm_affine)
-        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm=qk_norm, causal=causal)
+        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm=qk_norm, causal=causal, gated=gated_attn)
         self.norm2 = RMSNorm(dim, elementwise_affine=norm_affine)
-        self.mlp = MLPS[mlp](dim, mlp_hidden or 4 * dim)
+        self.post_norm1 = RMSNorm(dim) if sandwich_norm else nn.Identity()
+        self.post_norm2 = RMSNorm(dim) if sandwich_norm else nn.Identity()
+        self.mlp = mlp if isinstance(mlp, nn.Module) else MLPS[mlp](dim, mlp_hidden or 4 * dim)
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
-                modulation: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+                modulation: torch.Tensor | None = None, mask=None, value_extra: torch.Tensor | None = None) -> torch.Tensor:
         if modulation is None:
-            x = x + self.attn(self.norm1(x), rope, cache, layer, mask)
-            return x + self.mlp(self.norm2(x))
+            x = x + self.post_norm1(self.attn(self.norm1(x), rope, cache, layer, mask, value_extra))
+            return x + self.post_norm2(self.mlp(self.norm2(x)))
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.unbind(1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, cache, layer)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 def init_weights(module: nn.Module, std: float = 0.02, zero_init_out: bool = True) -> None:
-    """Normal(0, std) for linear and embedding weights, zero biases; with `zero_init_out` the
-    projections that write into the residual stream start at zero, so every block starts as the
-    identity (as in modded-nanogpt and nanochat)."""
+    """Normal(0, std) for linear and embedding weights and stacked expert matrices, zero biases;
+    with `zero_init_out` the projections that write into the residual stream start at zero, so
+    every block starts as the identity (as in modded-nanogpt and nanochat)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        for p in m.parameters(recurse=False):
+            if getattr(p, STACKED, False):
+                nn.init.normal_(p, mean=0.0, std=std)
     if zero_init_out:
         for m in module.modules():
             if isinstance(m, Attention):
                 nn.init.zeros_(m.o.weight)
             elif isinstance(m, (SwiGLU, ReLU2MLP)):
                 nn.init.zeros_(m.down.weight)
+            elif getattr(getattr(m, "down", None), STACKED, False):  # experts' output projections
+                nn.init.zeros_(m.down)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -22,15 +22,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import parallel
 from .errors import UserError
 
 MODEL_FILE, EMA_FILE, STATE_FILE, LATEST = "model.safetensors", "ema.safetensors", "state.pt", "latest"
 
 
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied embeddings): store each distinct tensor once
     out, seen = {}, {}
-    for name, t in module.state_dict().items():
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    for name, t in state.items():
         key = (t.data_ptr(), t.shape, t.dtype, t.device)
         if t.numel() and key in seen:
             continue
@@ -45,8 +47,9 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict,
-                    ema_model: nn.Module | None = None, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict, state: dict,
+                    ema_model: nn.Module | dict | None = None, keep: int = 2) -> Path:
+    """`model` and `ema_model`: modules or their (whole, unsharded) state dicts."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:06d}"
@@ -91,22 +94,28 @@ def load_weights(module: nn.Module, ckpt: Path, ema: bool = False) -> None:
         tensors = load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {file} is corrupt or unreadable: {e}") from None
+    # tied weights were stored once; anything else missing means the wrong model
+    names = set(module.state_dict())
+    missing = [n for n in names - set(tensors) if not _tied_alias_stored(module, n, tensors)]
+    unexpected = sorted(set(tensors) - names)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {file} does not fit this model: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
     try:
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:  # shapes differ: another preset, tokenizer or class count
+        if parallel.is_sharded(module):
+            parallel.load_model_state(module, tensors)  # each rank keeps its shard of the whole tensors
+        else:
+            module.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError) as e:  # shapes differ: another preset, tokenizer or class count
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
         raise UserError(f"checkpoint {file} does not fit this model: {first}") from None
-    # tied weights were stored once; anything else missing means the wrong model
-    expected_missing = {n for n in missing if _is_tied_alias(module, n, tensors)}
-    missing = [n for n in missing if n not in expected_missing]
-    if missing or unexpected:
-        raise UserError(f"checkpoint {file} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _is_tied_alias(module: nn.Module, name: str, stored: dict) -> bool:
-    state = module.state_dict()
-    ptr = state[name].data_ptr()
-    return any(state[other].data_ptr() == ptr for other in stored if other in state)
+def _tied_alias_stored(module: nn.Module, name: str, stored: dict) -> bool:
+    """Whether `name` is a parameter tied to another name that the checkpoint holds."""
+    params: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), []).append(n)
+    return any(name in group and any(other in stored for other in group) for group in params.values())
 
 
 def load_state(ckpt: Path) -> dict:

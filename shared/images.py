@@ -227,6 +227,10 @@ class ImageBatches:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return to_float(images), self.data.labels[idx]
 
+    def skip_batch(self) -> None:
+        """Advance past a batch without building it (another process trains on it)."""
+        self.order.next()
+
     def state_dict(self) -> dict:
         return self.order.state_dict()
 

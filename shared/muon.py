@@ -10,12 +10,20 @@ decoupled weight decay.
 
 Unlike torch.optim.Muon it also takes convolution filters [out, in, kh, kw], orthogonalised as
 [out, in*kh*kw] matrices (as in Keller Jordan's CIFAR-10 speedruns); split_params sends them here
-only when asked (OptimConfig.muon_conv).
+only when asked (OptimConfig.muon_conv). Mixture-of-experts weights [E, out, in] (flagged
+`stacked_matrices`) are E matrices, orthogonalised in one batched call.
+
+Under FSDP2 the parameters are row shards (DTensors): each step gathers the whole updates, every
+rank orthogonalises all of them (redundant but simple; the matrices here are at most 2048 x 512),
+and each keeps its own rows. tests/test_distributed.py checks that the step equals one process's.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
+
+STACKED = "stacked_matrices"  # set on [E, out, in] parameters (shared/moe.py): E separate matrices
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic, as in torch.optim.Muon
 
@@ -71,12 +79,22 @@ class Muon(torch.optim.Optimizer):
                 else:
                     updates = bufs
                 dtype = self.ns_dtype or (torch.bfloat16 if params[0].is_cuda else torch.float32)
-                rows = shape[0]
-                cols = params[0].numel() // rows  # conv filters: [out, in*kh*kw]
-                stacked = torch.stack(updates).reshape(len(params), rows, cols)
+                if getattr(params[0], STACKED, False):  # [E, out, in]: E matrices, each on its own
+                    rows, cols = shape[-2], shape[-1]
+                else:
+                    rows = shape[0]
+                    cols = params[0].numel() // rows  # conv filters: [out, in*kh*kw]
+                sharded = isinstance(params[0], DTensor)
+                if sharded:  # FSDP: Newton-Schulz needs whole matrices; every rank orthogonalises them all
+                    updates = [u.full_tensor() for u in updates]
+                stacked = torch.stack(updates).reshape(-1, rows, cols)
                 ortho = orthogonalize(stacked, group["ns_steps"], dtype=dtype).reshape(len(params), *shape)
+                ortho = list(ortho.to(params[0].dtype).unbind(0))
+                if sharded:  # back to each parameter's layout: keeping this rank's rows is local, no communication
+                    ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()], run_check=False)
+                             .redistribute(p.device_mesh, p.placements) for o, p in zip(ortho, params)]
                 scale = group["lr"] * max(1.0, rows / cols) ** 0.5
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-scale)
+                torch._foreach_add_(params, ortho, alpha=-scale)
         return loss

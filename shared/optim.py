@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .muon import Muon
+from .muon import STACKED, Muon
 
 
 @dataclass
@@ -53,11 +53,12 @@ class OptimConfig:
 
 
 def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (nn.Embedding,),
-                 adam_names: tuple[str, ...] = ("lm_head", "head"), conv: bool = False) -> tuple[list, list]:
+                 adam_names: tuple[str, ...] = ("lm_head", "head", "router"), conv: bool = False) -> tuple[list, list]:
     """(muon, adam) parameter lists; every trainable parameter lands in exactly one.
 
     A 2-D weight goes to Muon unless it belongs to an embedding (any module of `adam_modules`)
-    or to a module whose name ends with one of `adam_names` (output heads); with `conv`, so do
+    or to a module whose name ends with one of `adam_names` (output heads, MoE routers), and so do
+    stacked expert matrices [E, out, in]; with `conv`, so do
     the filters of nn.Conv2d layers. Tied weights are seen once, through the module that
     registered them first.
     """
@@ -68,7 +69,7 @@ def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (
                 continue
             seen.add(id(p))
             is_head = mod_name.split(".")[-1] in adam_names
-            matrix = p.ndim == 2 or (conv and p.ndim == 4 and isinstance(module, nn.Conv2d))
+            matrix = p.ndim == 2 or (conv and p.ndim == 4 and isinstance(module, nn.Conv2d)) or getattr(p, STACKED, False)
             if matrix and not isinstance(module, adam_modules) and not is_head:
                 muon.append(p)
             else:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TypeVar
 
+from . import distributed
 from .checkpoint import LATEST, resolve_checkpoint
 from .config import apply_overrides, dump_toml, from_dict, load_toml, to_dict
 from .errors import UserError
@@ -149,7 +150,8 @@ def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object]
         raise UserError(f"no --config given and {run_dir / 'config.toml'} not found")
     flags = [f"{k}={json.dumps(v)}" for k, v in extra.items() if v is not None]
     cfg = from_dict(cls, apply_overrides(data, flags + list(args.overrides)))
-    lock_run_dir(run_dir)
+    if distributed.setup().main:  # under torchrun rank 0 holds the lock for the whole run
+        lock_run_dir(run_dir)
     return cfg, run_dir, resume
 
 
@@ -184,6 +186,10 @@ def report(summary: dict, run_dir: Path, lines: list[tuple[str, str]]) -> None:
 def describe_training(trainer, run_dir: Path, resume: Path | None, extra: str = "") -> None:
     """One line before training starts: steps, device, precision, run folder."""
     cfg = trainer.cfg
+    if trainer.dist.active:
+        extra += (f", {trainer.dist.world} process{'es' if trainer.dist.world > 1 else ''} ({'FSDP' if trainer.sharded else 'DDP'}, "
+                  f"{len(trainer.accum.micro_batches)} micro-batches of "
+                  f"{trainer.cfg.batch_size // (1 if trainer.accum.rows is None else trainer.dist.world)} per process per step)")
     print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} {trainer.task.unit} on {trainer.device} "
           f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.compile else ''}){extra}, "
           f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""), flush=True)

@@ -12,12 +12,14 @@ Lengths are counted in the task's unit (tokens for text, images for images): `bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,8 +30,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed, parallel
 from .checkpoint import load_state, load_weights, save_checkpoint
-from .ema import EMA
+from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
 from .optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
@@ -55,6 +58,9 @@ class TrainConfig:
     # points: no extra sync) or "skip" the update (one host sync per step), stopping after max_skips in a row
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skips: int = 10
+    # several processes (torchrun / accelerate launch): "ddp" replicates the model; "fsdp" shards
+    # weights, gradients and optimiser state (FSDP2, transformer stacks only); one process ignores it
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self):
         for name in ("budget", "batch_size", "grad_accum", "log_every", "max_skips"):
@@ -90,11 +96,17 @@ class Task(Protocol):
     def sample(self, model: nn.Module, step: int, run_dir: Path, logger: MetricsLogger) -> None: ...
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """`local_rank`: this process's GPU when several processes share a machine."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but no CUDA GPU is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if local_rank is not None and name.startswith("cuda"):
+        if name != "cuda":
+            raise ConfigError(f"train.device={name} with several processes: use auto or cuda (each process takes "
+                              "the GPU of its LOCAL_RANK)")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -141,26 +153,39 @@ class Trainer:
                  run_dir: Path, split_kwargs: dict | None = None, quiet: bool = False):
         self.cfg, self.optim_cfg, self.task, self.data = cfg, optim, task, data
         self.run_dir = Path(run_dir)
-        self.device = pick_device(cfg.device)
+        self.dist = distributed.setup()
+        self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.active else None)
         self.dtype = pick_dtype(cfg.precision, self.device)
         self.model = model.to(self.device)
+        self.sharded = self.dist.active and cfg.parallel == "fsdp"
+        if self.sharded:
+            if cfg.ema_decay > 0:
+                raise ConfigError("train.ema_decay needs whole weights on every rank: use train.parallel=\"ddp\" "
+                                  "or train.ema_decay=0 with FSDP")
+            parallel.shard(self.model)  # before the optimisers, which then hold the sharded parameters
+        self.accum = distributed.plan_accumulation(cfg.grad_accum, cfg.batch_size, self.dist.rank, self.dist.world)
         self.optimizers = build_optimizers(self.model, optim, **(split_kwargs or {}))
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.units_per_step = data.units_per_batch * cfg.grad_accum
         self.total_steps = math.ceil(cfg.budget / self.units_per_step)
+        # the EMA's warm-up is sized to this run, so train.ema_decay is the decay it ends with
+        self.ema = EMA(self.model, cfg.ema_decay, horizon=warmup_horizon(cfg.ema_decay, self.total_steps)) \
+            if cfg.ema_decay > 0 else None
+        wrapped = parallel.wrap_ddp(self.model, self.device) if self.dist.active and not self.sharded else self.model
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step, self.train_time, self.compile_time, self.timed_units = 0, 0.0, 0.0, 0
-        self.quiet = quiet
+        self.quiet = quiet or not self.dist.main
         self.stop_requested = False  # set by Ctrl-C or SIGTERM: stop at the next step boundary and checkpoint
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.skipped = self.skips_in_row = 0
 
     # ---------------------------------------------------------------- state
     def _state(self) -> dict:
-        state = {"step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
-                 "timed_units": self.timed_units,
-                 "optimizers": [o.state_dict() for o in self.optimizers], "data": self.data.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "units_per_step": self.units_per_step, "skipped": self.skipped}
+        # optimiser states first: under FSDP gathering them is a collective every rank joins
+        state = {"optimizers": [parallel.optimizer_state(self.model, o) for o in self.optimizers],
+                 "step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
+                 "timed_units": self.timed_units, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "units_per_step": self.units_per_step, "skipped": self.skipped, "sharded": self.sharded,
+                 "world_size": self.dist.world}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
@@ -171,14 +196,18 @@ class Trainer:
         """Write a checkpoint, unless the weights are not finite: a diverged run must never replace
         (or prune) its last good checkpoint. A failed write (a full disk) keeps the previous one."""
         modules = [self.model] + ([self.ema.shadow] if self.ema else [])
-        finite = torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all()
-        if not finite:  # one sync per checkpoint
+        finite = torch.stack([torch.isfinite(parallel.local(p)).all() for m in modules for p in m.parameters()]).all()
+        if distributed.any_across(~finite):  # one sync per checkpoint
             raise UserError(f"the weights at step {self.step} are not finite; no checkpoint written, "
                             f"the last good one is kept in {self.run_dir / 'checkpoints'}")
+        self._measure_ema_batchnorm()  # the saved EMA weights carry statistics that fit them
         ckpt_dir = self.run_dir / "checkpoints"
+        weights, state = parallel.model_state(self.model), self._state()  # collectives under FSDP
+        if not self.dist.main:
+            return ckpt_dir  # rank 0 writes
         try:
-            return save_checkpoint(ckpt_dir, self.step, self.model, self._state(),
-                                   self.ema.shadow if self.ema else None, keep=self.cfg.keep_checkpoints)
+            return save_checkpoint(ckpt_dir, self.step, weights, state,
+                                   self.ema.shadow.state_dict() if self.ema else None, keep=self.cfg.keep_checkpoints)
         except OSError as e:
             for partial in ckpt_dir.glob(".step_*.partial"):
                 shutil.rmtree(partial, ignore_errors=True)
@@ -193,12 +222,15 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if len(state["optimizers"]) != len(self.optimizers):
             raise UserError(f"checkpoint {ckpt} has {len(state['optimizers'])} optimisers, this run builds {len(self.optimizers)}")
+        by_name = state.get("sharded", False)  # optimiser states gathered from FSDP shards, keyed by name
+        if self.sharded and not by_name:
+            raise UserError(f"checkpoint {ckpt} was written without FSDP: resume it with train.parallel=\"ddp\"")
         if state["units_per_step"] != self.units_per_step:
             raise UserError(f"checkpoint {ckpt} took {state['units_per_step']:,} {self.task.unit} per step, this run "
                             f"takes {self.units_per_step:,}: keep train.batch_size, train.grad_accum and the sequence length")
         for opt, s in zip(self.optimizers, state["optimizers"]):
             current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(s)
+            parallel.load_optimizer_state(self.model, opt, s, by_name)
             for group, settings in zip(opt.param_groups, current):  # the config in force wins
                 group.update(settings)
         self.data.load_state_dict(state["data"])
@@ -212,19 +244,28 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr(self.optimizers, lr_multiplier(self.step, self.total_steps, self.optim_cfg))
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.grad_accum):
-            batch = to_device(self.data.next_batch(), self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                loss = self.task.loss(self.forward_model, batch)
-            (loss / self.cfg.grad_accum).backward()
+        mine = self.accum.micro_batches
+        for j in range(self.accum.total):  # every rank draws every micro-batch: one data position for all
+            if j not in mine:
+                self._skip_batch()
+                continue
+            batch = to_device(distributed.take_rows(self.data.next_batch(), self.accum.rows), self.device)
+            # the task's random draws (noise, times, crops) follow from (seed, step, micro-batch), whichever
+            # rank trains it: N processes draw what one would, and a resumed run what an uninterrupted one would
+            torch.manual_seed(self._micro_seed(j))
+            with parallel.accumulating(self.forward_model, self.model, sync=j == mine[-1]):
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    loss = self.task.loss(self.forward_model, batch)
+                (loss / len(mine)).backward()
             total += loss.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.optim_cfg.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = parallel.whole(grad_norm)
         bad = ~(torch.isfinite(total) & torch.isfinite(grad_norm))
         skip = False
         if self.cfg.on_nonfinite == "skip":
-            skip = bool(bad)  # the one host sync per step that skipping costs
+            skip = bool(distributed.any_across(bad))  # the one host sync per step that skipping costs
             self.skips_in_row = self.skips_in_row + 1 if skip else 0
             self.skipped += skip
             if self.skips_in_row >= self.cfg.max_skips:
@@ -235,12 +276,22 @@ class Trainer:
         if not skip:
             for opt in self.optimizers:
                 opt.step()
+            after = getattr(self.model, "after_optimizer_step", None)  # state a model moves outside the gradient
+            if after is not None:
+                after()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if self.ema is not None and not skip:
             self.ema.update(self.model)
         self.step += 1
-        return total / self.cfg.grad_accum, grad_norm
+        return total / len(mine), grad_norm
+
+    def _skip_batch(self) -> None:
+        skip = getattr(self.data, "skip_batch", None)  # a source that can advance without building the batch
+        skip() if skip is not None else self.data.next_batch()
+
+    def _micro_seed(self, micro_batch: int) -> int:
+        return (self.cfg.seed * 1_000_003 + self.step) * 1_009 + micro_batch
 
     def _crossed(self, every: int) -> bool:
         if every <= 0:
@@ -249,20 +300,46 @@ class Trainer:
         return before // every != (self.step * self.units_per_step) // every
 
     def eval_model(self) -> nn.Module:
-        return self.ema.shadow if self.ema is not None else self.model
+        if self.ema is None:
+            return self.model
+        self._measure_ema_batchnorm()
+        return self.ema.shadow
+
+    def _measure_ema_batchnorm(self) -> None:
+        """BatchNorm statistics for the EMA weights (shared/ema.py says why), from the training
+        batches ahead; the data position and the RNG are put back, so training is unchanged."""
+        if self.ema is None or not self.ema.batchnorm_stale:
+            return
+        position, rng = self.data.state_dict(), torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            self.ema.measure_batchnorm(lambda shadow: self.task.loss(shadow, to_device(self.data.next_batch(), self.device)))
+        self.data.load_state_dict(position)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
 
     def _evaluate(self, logger: MetricsLogger) -> dict:
+        # rank 0 alone under DDP (the whole model is there); every rank under FSDP, whose forward
+        # gathers weights from all of them
+        if not (self.dist.main or self.sharded):
+            return {}
         self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
+                parallel.gathered(self.model):
             metrics = self.task.evaluate(self.eval_model())
         self.model.train()
-        logger.log(self.step, "eval", units=self.step * self.units_per_step, **metrics)
+        if self.dist.main:
+            logger.log(self.step, "eval", units=self.step * self.units_per_step, **metrics)
         return metrics
 
     def _sample(self, logger: MetricsLogger) -> None:
+        if not (self.dist.main or self.sharded):
+            return
         self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            self.task.sample(self.eval_model(), self.step, self.run_dir, logger)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
+                parallel.gathered(self.model), _output_folder(self.run_dir, self.dist.main) as folder:
+            self.task.sample(self.eval_model(), self.step, folder, logger)
         self.model.train()
 
     def _sync(self) -> None:
@@ -277,12 +354,16 @@ class Trainer:
         if resume_from is not None:
             refuse_finished(resume_from, self.run_dir, cfg.budget, unit)  # before the run folder is rewritten
             self._restore(resume_from)
-        check_writable(self.run_dir / "checkpoints", "the checkpoint folder")  # before the first step, not at the first save
-        for partial in (self.run_dir / "checkpoints").glob(".step_*.partial"):  # left by a killed process
-            shutil.rmtree(partial, ignore_errors=True)
-        if on_start is not None:
-            on_start()
-        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None)
+        main = self.dist.main
+        if main:
+            check_writable(self.run_dir / "checkpoints", "the checkpoint folder")  # before the first step, not at the first save
+            for partial in (self.run_dir / "checkpoints").glob(".step_*.partial"):  # left by a killed process
+                shutil.rmtree(partial, ignore_errors=True)
+            if on_start is not None:
+                on_start()
+        distributed.barrier()  # the run folder is ready before any rank trains
+        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None) if main \
+            else _NullLogger()
         self.model.train()
         eval_metrics: dict = {}
         warmup_left = 1 if cfg.compile else 0  # this process's first compiled step pays for compilation
@@ -293,7 +374,7 @@ class Trainer:
         mark = time.perf_counter()
         with _stop_on_interrupt(self):
             while self.step < self.total_steps:
-                if self.stop_requested:
+                if self.stop_requested and not self.dist.active:
                     bar.close()
                     path = self.save()
                     logger.close()
@@ -307,8 +388,8 @@ class Trainer:
                 due = [self._crossed(every) or last for every in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)]
                 if not (log_now or any(due)):
                     continue  # no host synchronisation between logging points: the GPU runs ahead
-                loss_value = loss.item() if log_now else None
-                if self.nonfinite.item():  # set on the device by any step since the last check
+                loss_value = distributed.mean_across(loss).item() if log_now else None
+                if distributed.any_across(self.nonfinite).item():  # set on the device by any step since the last check
                     raise UserError(f"training diverged: a non-finite loss or gradient norm by step {self.step}; "
                                     "no checkpoint of it was written (train.on_nonfinite=\"skip\" skips such steps)")
                 self._sync()
@@ -329,7 +410,8 @@ class Trainer:
                     extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
                     logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
                                grad_norm=grad_norm.item(), lr_mult=lr_multiplier(self.step - 1, self.total_steps, self.optim_cfg),
-                               **{f"{unit}_per_s": rate}, **extra)
+                               **{f"{unit}_per_s": rate}, **extra,
+                               **({"ema_decay": self.ema.last_decay} if self.ema is not None else {}))
                     bar.set_postfix({"loss": f"{loss_value:.4f}", f"{unit}/s": f"{rate:,.0f}"})
                     window_units, window_time = 0, 0.0
                 if due[0]:
@@ -341,13 +423,24 @@ class Trainer:
                     self._sample(logger)
                 if due[2]:
                     self.save()
+                if self.dist.active and self._stop_agreed():  # ranks stop at the same step, checked where they sync anyway
+                    bar.close()
+                    path = self.save()
+                    logger.close()
+                    print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
+                    raise KeyboardInterrupt
                 self._sync()
                 mark = time.perf_counter()  # evaluation, samples and checkpoints are not training time
         bar.close()
         logger.close()
         return self._finish(eval_metrics)
 
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor(self.stop_requested, device=self.device)
+        return bool(distributed.any_across(flag))
+
     def _finish(self, eval_metrics: dict) -> dict:
+        eval_metrics = distributed.from_main(eval_metrics)  # DDP evaluates on rank 0 only; every rank reports it
         units = self.step * self.units_per_step
         unit = self.task.unit
         summary = {
@@ -360,12 +453,17 @@ class Trainer:
             f"{unit}_per_s": round(self.timed_units / self.train_time, 1) if self.train_time > 0 else None,
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
+            "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update
             "precision": str(self.dtype).removeprefix("torch."),
             "compile": self.cfg.compile,
+            "world_size": self.dist.world,
+            "parallel": ("fsdp" if self.sharded else "ddp") if self.dist.active else "none",
             "hardware": hardware_info(self.device),
         }
         if self.device.type == "cuda":
             summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        if not self.dist.main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", x_key="units", x_label=unit)
         return summary
@@ -380,6 +478,26 @@ def refuse_finished(resume: Path | None, run_dir: Path, budget: int, unit: str) 
     done = int(state["step"]) * int(state["units_per_step"])
     if done >= budget:
         raise UserError(f"{run_dir} already reached its budget ({done:,} {unit}); raise train.budget to continue it")
+
+
+class _NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, *args, **kwargs) -> None: ...
+    def add_text(self, *args, **kwargs) -> None: ...
+    def add_image(self, *args, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _output_folder(run_dir: Path, main: bool):
+    """The run folder on rank 0; a scratch folder on the others (under FSDP every rank runs the
+    sample hook, whose forward passes need them all, but only rank 0's files are kept)."""
+    if main:
+        yield run_dir
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 class _stop_on_interrupt:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, assert_one_line_error, run_script
 from flow_matching.config import FlowConfig, FlowMatchingRunConfig, SampleConfig
-from flow_matching.dit import DiT2D, DiTConfig
+from flow_matching.dit import DiT2D, DiTConfig, TimestepEmbedder
 from flow_matching.path import LogitNormalTime, StraightPath, UniformTime, drop_labels
 from flow_matching.sampling import euler, guided_velocity, heun, time_grid
 from flow_matching.task import FlowMatchingTask
@@ -73,23 +73,33 @@ def test_label_dropout_uses_only_the_null_class():
     assert torch.equal(drop_labels(labels, 0.0, 10), labels)
 
 
-def test_training_loss_sees_real_labels_or_null():
-    seen = []
+class Spy(torch.nn.Module):
+    """Predicts zero velocity and records the times and labels it is given."""
 
-    class Spy(torch.nn.Module):
-        null_class = 10
+    null_class = 10
 
-        def forward(self, x, t, y):
-            seen.append(y.clone())
-            return torch.zeros_like(x)
+    def __init__(self):
+        super().__init__()
+        self.times, self.labels = [], []
 
+    def forward(self, x, t, y):
+        self.times.append(t.clone())
+        self.labels.append(y.clone())
+        return torch.zeros_like(x)
+
+
+def spy_task(flow: FlowConfig) -> FlowMatchingTask:
     eval_set = ImageSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), tuple("abcdefghij"), "")
-    task = FlowMatchingTask(FlowConfig(label_dropout=0.5), SampleConfig(), eval_set, eval_set.classes)
+    return FlowMatchingTask(flow, SampleConfig(), eval_set, eval_set.classes)
+
+
+def test_training_loss_sees_real_labels_or_null():
     labels = torch.arange(10).repeat(20)
     torch.manual_seed(0)
-    loss = task.loss(Spy(), (torch.zeros(200, 3, 32, 32), labels))
+    spy = Spy()
+    loss = spy_task(FlowConfig(label_dropout=0.5)).loss(spy, (torch.zeros(200, 3, 32, 32), labels))
     assert math.isclose(loss.item(), 1.0, rel_tol=0.05)  # zero prediction vs data - noise = -noise
-    y = seen[0]
+    y = spy.labels[0]
     assert torch.all((y == labels) | (y == 10)) and 60 < (y == 10).sum() < 140
 
 
@@ -107,6 +117,60 @@ def test_straight_path_and_time_samplers():
         assert s.min() >= 0 and s.max() <= 1 and abs(s.mean().item() - 0.5) < 0.02
     # logit-normal concentrates in the middle
     assert (LogitNormalTime().sample(10_000, generator=g) - 0.5).abs().mean() < (UniformTime().sample(10_000, generator=g) - 0.5).abs().mean()
+
+
+
+def _fraction_in(t: torch.Tensor, lo: float, hi: float) -> float:
+    return ((t >= lo) & (t <= hi)).float().mean().item()
+
+
+def test_uniform_mix_covers_the_ends():
+    n = 200_000
+    # P(sigmoid(N(0, 1)) <= 0.02) = Phi(logit(0.02)): 5e-5, so 10 of 200,000 draws
+    p_ends = 0.5 * math.erfc(-math.log(0.02 / 0.98) / math.sqrt(2))
+    pure = LogitNormalTime().sample(n, generator=torch.Generator().manual_seed(0))
+    mixed = LogitNormalTime(uniform_mix=0.1).sample(n, generator=torch.Generator().manual_seed(0))
+    for lo, hi in ((0.0, 0.02), (0.98, 1.0)):
+        expected = 0.1 * 0.02 + 0.9 * p_ends  # 2.0e-3, about 410 draws: the binomial sd is 5%
+        assert _fraction_in(mixed, lo, hi) == pytest.approx(expected, rel=0.2)
+        assert _fraction_in(pure, lo, hi) < 2e-4
+    assert mixed.min() >= 0 and mixed.max() <= 1
+    everywhere = LogitNormalTime(uniform_mix=1.0).sample(n, generator=torch.Generator().manual_seed(0))
+    assert _fraction_in(everywhere, 0.0, 0.02) == pytest.approx(0.02, rel=0.1)
+
+
+def test_uniform_mix_of_zero_draws_exactly_the_logit_normal_stream():
+    # a run with the mix off trains (and resumes) on the same times as before the option existed
+    g_old, g_new = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    expected = torch.sigmoid(0.5 + 1.2 * torch.randn(1000, generator=g_old))
+    assert torch.equal(LogitNormalTime(0.5, 1.2, 0.0).sample(1000, generator=g_new), expected)
+    assert torch.equal(g_new.get_state(), g_old.get_state())  # and no extra draws shift the later noise
+
+
+def test_training_uses_the_configured_uniform_mix():
+    torch.manual_seed(0)
+    spy = Spy()
+    spy_task(FlowConfig(uniform_mix=0.5)).loss(spy, (torch.zeros(20_000, 1, 1, 1), torch.zeros(20_000, dtype=torch.long)))
+    assert 0.007 < _fraction_in(spy.times[0], 0.0, 0.02) < 0.013  # 0.5 * 0.02 = 1%; without the mix 0.005%
+
+
+@pytest.mark.parametrize("freq_dim", [TINY.freq_dim, 256])
+def test_time_embedding_resolves_neighbouring_times(freq_dim):
+    """DiT2D multiplies t in [0, 1] by TIME_SCALE before the sinusoidal features. Measured on
+    this embedder: at scale <= 100 (t fed unscaled, say) times 1e-3 apart embed almost alike (and
+    exactly alike at scale 1 under bf16 autocast); at scale >= 3000 (t scaled twice, say) near and
+    far times look alike, so the embedding no longer varies smoothly with t."""
+    torch.manual_seed(0)
+    embed = TimestepEmbedder(64, freq_dim)  # the DiT's module, random as at initialisation
+    ts = torch.linspace(0, 1, 1001)  # steps of 1e-3
+    for autocast in (False, True):  # fp32 and bf16, as training on a GPU runs it
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            e = embed(ts).float()
+        spread = torch.cdist(e, e).mean()  # the typical distance between two times
+        near = (e[1:] - e[:-1]).norm(dim=-1)  # t and t + 1e-3
+        far = (e[100:] - e[:-100]).norm(dim=-1)  # t and t + 0.1
+        assert near.min() > 0.05 * spread, (near.min() / spread).item()  # at scale 1000: 0.12-0.18
+        assert near.mean() < 0.5 * far.mean(), (near.mean() / far.mean()).item()  # at scale 1000: 0.24-0.35
 
 
 @pytest.mark.parametrize("kind", ["uniform", "cosine"])
@@ -159,6 +223,12 @@ def test_config_validation():
         load_config(FlowMatchingRunConfig, None, ["model.hidden=100", "model.n_heads=3"])
     with pytest.raises(ConfigError, match="sampler"):
         load_config(FlowMatchingRunConfig, None, ["sample.sampler=rk4"])
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(ConfigError, match="flow.uniform_mix must be in"):
+            load_config(FlowMatchingRunConfig, None, [f"flow.uniform_mix={bad}"])
+    for key, bad in (("logit_std", "nan"), ("logit_std", "0"), ("logit_mean", "inf")):
+        with pytest.raises(ConfigError, match=f"flow.{key} must be"):
+            load_config(FlowMatchingRunConfig, None, [f"flow.{key}={bad}"])
 
 
 @pytest.mark.parametrize("preset, low, high", [("dit-s", 25e6, 40e6), ("dit-b", 115e6, 145e6)])
@@ -255,6 +325,8 @@ def test_bad_input_is_one_error_line(debug_run, tmp_path):
     assert_one_line_error(proc, "image data not found")
     proc = run_script("train_flow_matching.py", "--config", DEBUG, "--experiment_name", "x", "flow.bogus=1", cwd=tmp_path)
     assert_one_line_error(proc, "unknown config key", "bogus")
+    proc = run_script("train_flow_matching.py", "--config", DEBUG, "--experiment_name", "x", "flow.uniform_mix=nan", cwd=tmp_path)
+    assert_one_line_error(proc, "flow.uniform_mix must be in [0, 1], got nan")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.toml").write_bytes((run / "config.toml").read_bytes())

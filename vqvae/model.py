@@ -30,6 +30,7 @@ class VQVAEConfig:
     codebook_update: Literal["ema", "loss"] = "ema"
     ema_decay: float = 0.99  # codebook EMA (not the trainer's weight EMA)
     dead_threshold: float = 1.0  # a code used less than this many times per batch (EMA) is replaced
+    dead_reseed: Literal["random", "farthest"] = "random"  # ... by random batch vectors or those farthest from every code
     kmeans_iters: int = 10  # k-means iterations for the data-dependent init; 0 = sampled encoder outputs
     l2_codes: bool = False  # l2-normalise codes and encoder outputs (cosine lookup)
     gradient: Literal["ste", "rotation"] = "ste"  # straight-through or the rotation trick
@@ -116,15 +117,23 @@ class VQVAEOutput:
 
 
 class VQVAE(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
+    def __init__(self, cfg: VQVAEConfig, discriminator: nn.Module | None = None):
+        """`discriminator`: the optional adversarial loss's (vqvae/discriminator.py), kept here so
+        checkpoints hold it and the run's optimisers train it; the tokenizer drops it."""
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, update=cfg.codebook_update,
                                          decay=cfg.ema_decay, dead_threshold=cfg.dead_threshold,
                                          kmeans_iters=cfg.kmeans_iters, l2_normalize=cfg.l2_codes,
-                                         gradient=cfg.gradient)
+                                         gradient=cfg.gradient, reseed=cfg.dead_reseed)
         self.decoder = Decoder(cfg)
+        self.discriminator = discriminator
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after each optimiser step: counts the steps the discriminator's start waits for."""
+        if self.discriminator is not None:
+            self.discriminator.steps += 1
 
     @property
     def grid_shape(self) -> tuple[int, int]:

@@ -5,7 +5,9 @@
 - It is updated by exponential moving averages of the vectors assigned to each code (the
   default), or trained by the codebook loss as a parameter (`update = "loss"`).
 - A code whose moving-average use falls below `dead_threshold` (expected assignments per batch)
-  is moved onto a random encoder output of the current batch.
+  is moved onto an encoder output of the current batch: a random one (`reseed = "random"`), or
+  the ones farthest from every code (`reseed = "farthest"`), which land where the codebook covers
+  the data worst instead of next to a code that already serves them.
 - Optionally codes are l2-normalised (cosine-similarity lookup), which works best with a low
   code dimension.
 - Gradients pass the quantisation by the straight-through estimator, or by the rotation trick
@@ -14,7 +16,8 @@
 
 Everything that changes during training (codebook, EMA statistics, the initialised flag) is a
 buffer, so checkpoints save it and resume restores it exactly. The statistics are updated only
-in training mode, inside forward.
+in training mode, inside forward, from every process's vectors when several train together (and
+random draws are rank 0's), so the codebook stays the same on all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shared import distributed
 
 
 @dataclass
@@ -57,11 +62,12 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
 class VectorQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, update: Literal["ema", "loss"] = "ema", decay: float = 0.99,
                  dead_threshold: float = 1.0, kmeans_iters: int = 10, l2_normalize: bool = False,
-                 gradient: Literal["ste", "rotation"] = "ste", eps: float = 1e-5):
+                 gradient: Literal["ste", "rotation"] = "ste", reseed: Literal["random", "farthest"] = "random",
+                 eps: float = 1e-5):
         super().__init__()
         self.codebook_size, self.dim, self.update, self.decay = codebook_size, dim, update, decay
         self.dead_threshold, self.kmeans_iters, self.l2 = dead_threshold, kmeans_iters, l2_normalize
-        self.gradient, self.eps = gradient, eps
+        self.gradient, self.reseed, self.eps = gradient, reseed, eps
         init = torch.randn(codebook_size, dim)
         if update == "loss":
             self.embedding = nn.Parameter(init)
@@ -98,12 +104,13 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_(counts)
         self.embed_sum.copy_(centroids * counts[:, None])
         self.initialized.fill_(True)
+        distributed.broadcast_(self.embedding.data, self.cluster_size, self.embed_sum)  # rank 0's random start
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        one_hot = F.one_hot(indices, self.codebook_size).type(flat.dtype)
-        counts = one_hot.sum(0)
-        sums = one_hot.t() @ flat
+        # counts and sums by index, without a one-hot [N, K] matrix (N = 16k vectors x 1k codes = 64 MB per batch)
+        counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
+        sums = torch.zeros(self.codebook_size, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, indices, flat)
         self.cluster_size.lerp_(counts, 1 - self.decay)
         if self.update == "ema":
             self.embed_sum.lerp_(sums, 1 - self.decay)
@@ -120,8 +127,16 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return 0
         n = flat.shape[0]
-        pick = torch.randperm(n, device=flat.device)[:dead.numel()] if n >= dead.numel() else \
-            torch.randint(0, n, (dead.numel(),), device=flat.device)
+        if self.reseed == "farthest" and n >= dead.numel():
+            # squared distance of each vector to its nearest live code (this step's updated codebook)
+            e = self.codebook()[self.cluster_size >= self.dead_threshold]
+            gap = ((flat * flat).sum(1, keepdim=True) + ((e * e).sum(1)[None, :] - 2 * flat @ e.t())).min(1).values \
+                if len(e) else torch.rand(n, device=flat.device)
+            pick = gap.topk(dead.numel()).indices
+        else:
+            pick = torch.randperm(n, device=flat.device)[:dead.numel()] if n >= dead.numel() else \
+                torch.randint(0, n, (dead.numel(),), device=flat.device)
+        distributed.broadcast_(pick)  # rank 0's draw: the codebook stays one codebook across processes
         new = flat[pick]
         self.embedding.data[dead] = new.to(self.embedding.dtype)
         # start each new code as if used at the threshold rate, so it has a chance to be picked
@@ -135,13 +150,15 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # distances and EMA stay in fp32
             z = self._prepare(z.float())
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+            if self.training:  # statistics over every process's vectors, so all keep the same codebook
+                seen = distributed.gather_rows(flat.detach())
             if self.training and not bool(self.initialized):
-                self._initialise(flat.detach())
+                self._initialise(seen)
             with torch.no_grad():
                 indices = self.lookup(flat)
             q = self.embed(indices)  # the codebook before this step's update, as the loss sees it
             if self.training:
-                self._ema_update(flat.detach(), indices)
+                self._ema_update(seen, distributed.gather_rows(indices))
             commitment = F.mse_loss(flat, q.detach())
             codebook = F.mse_loss(flat.detach(), q)
             if self.gradient == "rotation":
@@ -149,7 +166,7 @@ class VectorQuantizer(nn.Module):
             else:
                 out = flat + (q - flat).detach()
             if self.training:
-                self._replace_dead(flat.detach())  # after the lookup, so this batch's indices stay valid
+                self._replace_dead(seen)  # after the lookup, so this batch's indices stay valid
         quantized = out.reshape(b, h, w, d).permute(0, 3, 1, 2)
         return QuantizerOutput(quantized, indices.reshape(b, h, w), commitment, codebook)
 

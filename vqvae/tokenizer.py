@@ -48,8 +48,9 @@ class VQTokenizer:
         run_dir = find_run_dir(path)
         ckpt = resolve_checkpoint(path)
         cfg = load_config(VQVAERunConfig, run_dir / "config.toml")
-        model = VQVAE(cfg.model)
+        model = VQVAE(cfg.model, cfg.discriminator())
         load_weights(model, ckpt, ema=(ckpt / EMA_FILE).is_file())
+        model.discriminator = None  # a GAN run's discriminator: training only, never part of the tokenizer
         return cls(model.to(device), source=str(ckpt), batch_size=batch_size)
 
     @property

@@ -7,6 +7,10 @@
 #   speedrun [RUNS]    device: the 8M-token speedrun of blueberry-88m on the offline text with the
 #                      GPT-2 tokenizer (the Hub's SmolLM2 tokenizer and Cosmopedia are unreachable
 #                      there), RUNS seeds (default 2), as a record                     (~2 min a run)
+#   overhead           device: issue 12's world-size-1 cost of the distributed path: blueberry-88m
+#                      compiled, plain python vs torchrun --nproc_per_node 1 with DDP and FSDP2 (~3 min)
+#   moe [RUNS]         device: issue 13's moe-24gb against blueberry-88m at 20M tokens on the offline
+#                      text, RUNS seeds each (default 2), compared by the speedrun harness (~4 min a pair)
 # Carry [".gpu/llm"] in the speedrun call. Results go to $OUT (or .gpu/out elsewhere).
 # Dry run on a CPU: benchmarks/gpu/README.md (PRESET=debug BUDGET=20k THROUGHPUT_PRESETS=debug)
 set -euo pipefail
@@ -40,6 +44,15 @@ throughput)
         >"$OUT/throughput-doc-mask.json" || echo "document-mask benchmark failed"
     grep -h '"preset"\|tokens_per_s\|"mfu"\|peak_' "$OUT"/throughput-*.json
     ;;
+overhead)
+    p=${THROUGHPUT_PRESETS:-blueberry-88m}; p=${p%% *}
+    $PY benchmarks/llm_throughput.py --preset "$p" ${COMPILE---compile} --steps 20 --warmup 5 >"$OUT/overhead-none.json" || echo "plain run failed"
+    for mode in ddp fsdp; do
+        $PY -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/llm_throughput.py --preset "$p" ${COMPILE---compile} \
+            --parallel $mode --steps 20 --warmup 5 >"$OUT/overhead-$mode.json" || echo "torchrun $mode failed"
+    done
+    grep -h '"parallel"\|tokens_per_s\|peak_' "$OUT"/overhead-*.json
+    ;;
 speedrun)
     [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
     export BLUEBERRY_CACHE="$G/cache"
@@ -47,6 +60,16 @@ speedrun)
         --label offline-text-gpt2 --records_dir "$OUT/records" --runs_dir "$G/runs" \
         data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2" ${SPEEDRUN_OVERRIDES:-}
     ;;
+moe)
+    [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
+    export BLUEBERRY_CACHE="$G/cache"
+    data=(data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2")
+    $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label dense-offline-gpt2 \
+        --records_dir "$OUT/records" --runs_dir "$G/runs" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
+    base=$(ls -t "$OUT"/records/*-dense-offline-gpt2-*.json | head -1)
+    $PY scripts/speedrun.py --preset "${MOE_PRESET:-moe-24gb}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label moe-offline-gpt2 \
+        --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
+    ;;
 *)
-    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | speedrun [RUNS]"; exit 2 ;;
+    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS]"; exit 2 ;;
 esac

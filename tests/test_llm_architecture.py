@@ -1,0 +1,94 @@
+"""The architecture options: each keeps causality and cached decoding, and changes nothing when off."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.model import Decoder, DecoderConfig
+from shared.errors import ConfigError
+from shared.losses import linear_cross_entropy
+
+BASE = dict(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden=64, vocab_size=64)
+OPTIONS = {
+    "pyramid": dict(mlp_hidden_last=192),
+    "depth_init": dict(depth_init=True, zero_init_out=False),
+    "gated_attn": dict(gated_attn=True),
+    "sandwich_norm": dict(sandwich_norm=True),
+    "embed_scale": dict(embed_scale=True),
+    "value_embeds": dict(value_embeds=2),
+    "residual_scalars": dict(residual_scalars=True),
+    "logit_softcap": dict(logit_softcap=5.0),
+    "untied_head": dict(tie_embeddings=False),
+    "moe": dict(moe_experts=4, moe_top_k=2, moe_hidden=32),
+}
+
+
+def model(**kw) -> Decoder:
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**{**BASE, "zero_init_out": False, **kw}), 24)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_option_is_causal_and_decodes_with_the_cache(name):
+    m = model(**OPTIONS[name])
+    x = torch.randint(0, 64, (2, 16))
+    y = x.clone()
+    y[:, 9:] = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        a, b = m(x), m(y)
+        assert torch.allclose(a[:, :9], b[:, :9], atol=1e-5)  # the past never sees the future
+        assert not torch.allclose(a[:, 9:], b[:, 9:])
+        cache = m.new_cache(2)
+        steps = [m(x[:, :5], cache)] + [m(x[:, t:t + 1], cache) for t in range(5, 16)]
+        assert torch.allclose(torch.cat(steps, 1), a, atol=1e-4)  # prompt then token by token = one pass
+
+
+@pytest.mark.parametrize("name", ["residual_scalars", "sandwich_norm"])
+def test_identity_at_start_options_change_nothing_at_initialisation(name):
+    """Residual scalars start at (1, 0); a sandwich norm of a zero-initialised output is zero."""
+    kw = dict(zero_init_out=True)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(**kw)(x), model(**kw, **OPTIONS[name])(x))
+
+
+def test_options_off_leave_the_default_model():
+    defaults = DecoderConfig(**BASE)
+    for field in dataclasses.fields(DecoderConfig):
+        if any(field.name in o for o in OPTIONS.values()) and field.name not in ("zero_init_out", "tie_embeddings", "moe_top_k", "moe_hidden"):
+            assert not getattr(defaults, field.name), field.name  # every option is off unless asked for
+    m = model()
+    assert set(m.state_dict()) == {k for k in m.state_dict() if k.startswith(("tok_emb", "blocks", "norm", "lm_head"))}
+    assert not any("gate" in k or "post_norm1.weight" in k for k in m.state_dict())
+
+
+def test_softcap_in_the_chunked_loss_matches_the_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (40,))
+    loss = linear_cross_entropy(h, w, t, chunk=16, softcap=3.0)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(3.0 * torch.tanh((h @ w.t()) / 3.0), t)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, w.grad, atol=1e-5)
+
+
+def test_pyramid_widths_and_depth_init_scales():
+    m = model(mlp_hidden_last=192, depth_init=True, zero_init_out=False)
+    widths = [b.mlp.up.out_features for b in m.blocks]
+    assert widths[0] == 64 and widths[-1] == 192 and widths == sorted(widths)
+    stds = [b.attn.o.weight.std().item() for b in m.blocks]
+    assert all(s > 0 for s in stds) and stds[0] > stds[-1]  # never a zero-std layer; deeper is smaller
+    with pytest.raises(ConfigError, match="zero_init_out"):
+        DecoderConfig(**BASE, depth_init=True)
+    with pytest.raises(ConfigError, match="value_embeds"):
+        DecoderConfig(**BASE, value_embeds=5)
