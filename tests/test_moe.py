@@ -158,3 +158,11 @@ def test_moe_debug_trains_logs_and_resumes_exactly(tmp_path):
     def figures(path):  # everything but the speed
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in path.read_text().splitlines()]
     assert figures(again / "metrics.jsonl") == figures(run / "metrics.jsonl")  # losses, loads, biases' effect: bit for bit
+
+
+def test_shared_expert_adds_a_dense_path_every_token_takes():
+    torch.manual_seed(0)
+    dense = MLPS["relu2"](16, 24)
+    routed, both = moe(), moe(shared_mlp=dense)
+    x = torch.randn(2, 5, 16)
+    assert torch.allclose(both(x), routed(x) + dense(x), atol=1e-6)
