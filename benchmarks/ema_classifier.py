@@ -69,12 +69,14 @@ def run(cfg: ClassifierRunConfig, variant: str, train, test, run_dir: Path) -> d
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, quiet=True)
     horizon = 10.0 if variant in ("before", "measured") else trainer.ema.horizon
-    cls = {"before": CopiedStatisticsEMA, "horizon": CopiedStatisticsEMA, "averaged": AveragedBuffersEMA}.get(variant, EMA)
+    cls = {"before": CopiedStatisticsEMA, "horizon": CopiedStatisticsEMA,
+           "averaged": AveragedBuffersEMA}.get(variant, EMA)
     trainer.ema = cls(trainer.model, cfg.train.ema_decay, horizon=horizon)
     start = time.perf_counter()
     summary = trainer.fit()
     raw = task.evaluate(trainer.model)
-    return {"variant": variant, "seed": cfg.train.seed, "horizon": round(horizon, 3), "final_ema_decay": summary["ema_decay"],
+    return {"variant": variant, "seed": cfg.train.seed, "horizon": round(horizon, 3),
+            "final_ema_decay": summary["ema_decay"],
             "ema_accuracy": summary["final_eval"]["accuracy"], "raw_accuracy": raw["accuracy"],
             "test_images": len(test), "steps": summary["steps"], "seconds": round(time.perf_counter() - start, 1)}
 
@@ -109,7 +111,8 @@ def main() -> None:
         rows = [r for r in results if r["variant"] == variant]
         cell = lambda key: (f"{100 * statistics.mean(r[key] for r in rows):.2f}"
                             + (f" ± {100 * statistics.stdev(r[key] for r in rows):.2f}" if len(rows) > 1 else ""))
-        print(f"| {variant} | {cell('ema_accuracy')} | {cell('raw_accuracy')} | {rows[0]['final_ema_decay']:.5f} | {len(rows)} |")
+        print(f"| {variant} | {cell('ema_accuracy')} | {cell('raw_accuracy')} | {rows[0]['final_ema_decay']:.5f} "
+              f"| {len(rows)} |")
 
 
 if __name__ == "__main__":

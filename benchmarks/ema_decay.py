@@ -5,7 +5,8 @@
 For every preset in configs/*/*.toml with train.ema_decay > 0: its optimiser steps (budget over the
 units of one step) and, under each warm-up, the decay of its EMA update half-way and of the last
 one, the update at which the configured decay is first used, and the share of the final average
-that comes from the first tenth of the run (the initial weights included). The shares are exact products of the per-update decays.
+that comes from the first tenth of the run (the initial weights included). The shares are exact
+products of the per-update decays.
 Prints a Markdown table; no training.
 """
 

@@ -78,8 +78,8 @@ class VQVAERunConfig:
         # averaged encoder and decoder would look codes up in a codebook fitted to other weights. A
         # "loss" codebook is a parameter and is averaged with them.
         if self.train.ema_decay > 0 and self.model.codebook_update == "ema":
-            raise ConfigError(f"train.ema_decay = {self.train.ema_decay} would pair averaged weights with the live codebook, "
-                              "which model.codebook_update = \"ema\" keeps: set train.ema_decay = 0 or "
+            raise ConfigError(f"train.ema_decay = {self.train.ema_decay} would pair averaged weights with the live "
+                              "codebook, which model.codebook_update = \"ema\" keeps: set train.ema_decay = 0 or "
                               "model.codebook_update = \"loss\"")
         if self.model.image_size % 2 ** self.gan.layers:
             raise ConfigError(f"gan.layers = {self.gan.layers} halves the {self.model.image_size}-pixel images too often")
