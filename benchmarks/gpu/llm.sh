@@ -64,11 +64,14 @@ moe)
     [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
     export BLUEBERRY_CACHE="$G/cache"
     data=(data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2")
+    # the harness compares records of one preset, so the MoE is blueberry-88m with moe-24gb's settings
+    # as overrides (the same model, schedule and 32,768-token step as configs/llm/moe-24gb.toml)
+    moe=${MOE_OVERRIDES:-model.moe_experts=8 model.moe_top_k=2 model.moe_hidden=1024 model.moe_dense_layers=1 train.batch_size=8 train.grad_accum=2}
     $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label dense-offline-gpt2 \
         --records_dir "$OUT/records" --runs_dir "$G/runs" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
     base=$(ls -t "$OUT"/records/*-dense-offline-gpt2-*.json | head -1)
-    $PY scripts/speedrun.py --preset "${MOE_PRESET:-moe-24gb}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label moe-offline-gpt2 \
-        --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
+    $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label moe-offline-gpt2 \
+        --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" $moe ${SPEEDRUN_OVERRIDES:-}
     ;;
 *)
     echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS]"; exit 2 ;;
