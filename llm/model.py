@@ -215,12 +215,12 @@ def matmul_flops_per_token(model: Decoder, seq_len: int) -> int:
     c = model.cfg
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     matmul += sum(p.numel() * moe.top_k // moe.n_experts for _, moe in model.moe_layers()
-                  for p in (moe.up, moe.gate, moe.down) if p is not None)  # the k experts a token reaches
+                  for p in moe.expert_weights())  # the k experts a token reaches
     return 6 * matmul + 12 * c.n_layers * c.d_model * seq_len
 
 
 def active_params(model: Decoder) -> int:
     """Parameters one token uses: all but the experts it is not routed to."""
     unused = sum(p.numel() * (moe.n_experts - moe.top_k) // moe.n_experts for _, moe in model.moe_layers()
-                 for p in (moe.up, moe.gate, moe.down) if p is not None)
+                 for p in moe.expert_weights())
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) - unused

@@ -50,34 +50,30 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(n_experts))  # training assignments since the last bias update
         self.aux_loss = torch.zeros(())
         self._stats: torch.Tensor | None = None  # summed on the device, read at logging points
-        for p in (self.up, self.gate, self.down):
-            if p is not None:
-                nn.init.normal_(p, std=0.02)
+        for p in self.expert_weights():
+            nn.init.normal_(p, std=0.02)
 
     # ------------------------------------------------------------------ experts
+    def expert_weights(self) -> list[nn.Parameter]:
+        return [p for p in (self.up, self.gate, self.down) if p is not None]
+
+    def _mlp(self, x: torch.Tensor, mm) -> torch.Tensor:
+        """The expert MLP with `mm(x, weight)` as its matrix product (grouped, or one expert's)."""
+        h = mm(x, self.up)
+        h = F.silu(mm(x, self.gate)) * h if self.gated else F.relu(h).square()
+        return mm(h, self.down)
+
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert MLPs over rows xs [M, D] sorted by expert, `counts` [E] rows each."""
-        weights = [self.up, self.gate, self.down]
         grouped = hasattr(torch, "_grouped_mm") and (not xs.is_cuda or torch.cuda.get_device_capability(xs.device) >= (9, 0))
-        if grouped:
-            dtype = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
-            if xs.is_cuda and dtype != torch.bfloat16:
-                grouped = False  # the CUDA kernel is bf16 only
-        if grouped:
+        dtype = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
+        if grouped and not (xs.is_cuda and dtype != torch.bfloat16):  # the CUDA kernel is bf16 only
             offs = counts.cumsum(0).to(torch.int32)
-            xs = xs.to(dtype)
-
-            def mm(x, w):
-                return torch._grouped_mm(x, w.to(dtype).transpose(-2, -1), offs=offs)
-            h = F.relu(mm(xs, self.up)).square() if not self.gated else F.silu(mm(xs, self.gate)) * mm(xs, self.up)
-            return mm(h, self.down)
+            return self._mlp(xs.to(dtype), lambda x, w: torch._grouped_mm(x, w.to(dtype).transpose(-2, -1), offs=offs))
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):  # one host sync: the loop needs the sizes
-            x = xs[start:start + n]
+            out.append(self._mlp(xs[start:start + n], lambda x, w: x @ w[e].t()))
             start += n
-            h = x @ weights[0][e].t()
-            h = F.relu(h).square() if not self.gated else F.silu(x @ weights[1][e].t()) * h
-            out.append(h @ weights[2][e].t())
         return torch.cat(out) if out else xs.new_zeros(0, xs.shape[1])
 
     # ------------------------------------------------------------------ forward

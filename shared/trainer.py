@@ -375,11 +375,7 @@ class Trainer:
         with _stop_on_interrupt(self):
             while self.step < self.total_steps:
                 if self.stop_requested and not self.dist.active:
-                    bar.close()
-                    path = self.save()
-                    logger.close()
-                    print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
-                    raise KeyboardInterrupt
+                    self._stop(bar, logger)
                 loss, grad_norm = self.train_step()
                 pending_steps += 1
                 bar.update(1)
@@ -424,16 +420,20 @@ class Trainer:
                 if due[2]:
                     self.save()
                 if self.dist.active and self._stop_agreed():  # ranks stop at the same step, checked where they sync anyway
-                    bar.close()
-                    path = self.save()
-                    logger.close()
-                    print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
-                    raise KeyboardInterrupt
+                    self._stop(bar, logger)
                 self._sync()
                 mark = time.perf_counter()  # evaluation, samples and checkpoints are not training time
         bar.close()
         logger.close()
         return self._finish(eval_metrics)
+
+    def _stop(self, bar, logger) -> None:
+        """Ctrl-C or SIGTERM asked to stop: checkpoint at this step boundary and leave."""
+        bar.close()
+        path = self.save()
+        logger.close()
+        print(f"interrupted at step {self.step}: saved {path}; continue with --resume", flush=True)
+        raise KeyboardInterrupt
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor(self.stop_requested, device=self.device)
