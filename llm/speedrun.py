@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.run import find_preset
 from shared.stats import mean_std, welch_less
 
 SCHEMA = 1
@@ -47,12 +48,11 @@ def format_budget(tokens: int) -> str:
     return str(tokens)
 
 
-def resolve_preset(preset: str, configs_dir: Path) -> Path:
+def resolve_preset(preset: str) -> Path:
     """A name in configs/llm/ or a path to a TOML file."""
-    path = Path(preset) if preset.endswith(".toml") or "/" in preset else configs_dir / f"{preset}.toml"
+    path = Path(find_preset(preset, "llm", flag="--preset"))
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in configs_dir.glob("*.toml")))
-        raise UserError(f"unknown preset {preset!r}: give one of {names} or a .toml path")
+        raise UserError(f"--preset {preset!r}: no such file")
     return path
 
 

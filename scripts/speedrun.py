@@ -56,7 +56,7 @@ def train_one(cmd: list[str], what: str) -> None:
 
 
 def speedrun(args: argparse.Namespace) -> None:
-    config = resolve_preset(args.preset, ROOT / "configs" / "llm")
+    config = resolve_preset(args.preset)
     budget = parse_budget(args.budget)
     preset = config.stem
     if args.runs < 1:

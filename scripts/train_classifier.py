@@ -14,9 +14,8 @@ import argparse
 import torch
 
 from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9
-from shared.distributed import main_first
 from shared.errors import UserError, run_main
-from shared.images import ImageBatches, load_images, save_classes
+from shared.images import ImageBatches, load_train_test, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
@@ -27,11 +26,7 @@ def main() -> None:
     args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data}, package="classifier")
 
-    with main_first():  # rank 0 decodes into the cache, the other processes then read it
-        train = load_images(cfg.data.source, "train")
-        test = load_images(cfg.data.source, "test")
-    if test.classes != train.classes:
-        raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
+    train, test = load_train_test(cfg.data.source)
     test = test.subset(cfg.data.eval_images)
     print(f"data: {train.description}; evaluation on {len(test):,} test images")
     if cfg.model.num_classes not in (0, len(train.classes)):
@@ -39,9 +34,11 @@ def main() -> None:
     cfg.model.num_classes = len(train.classes)
 
     torch.manual_seed(cfg.train.seed)
-    model = ResNet9(cfg.model).to(memory_format=torch.channels_last)
+    model = ResNet9(cfg.model)
+    model.fit_stem(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed))[:5000]])
+    model = model.to(memory_format=torch.channels_last)
     print(f"model: ResNet-9 width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
-    data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
+    data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip, alternate=cfg.data.alternate_flip)
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     epochs = cfg.train.budget / len(train)

@@ -15,9 +15,8 @@ import torch
 from flow_matching.config import FlowMatchingRunConfig
 from flow_matching.dit import DiT2D
 from flow_matching.task import FlowMatchingTask
-from shared.distributed import main_first
 from shared.errors import UserError, run_main
-from shared.images import ImageBatches, load_images, save_classes
+from shared.images import ImageBatches, load_train_test, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 
@@ -30,12 +29,8 @@ def main() -> None:
     cfg, run_dir, resume = resolve_run(args, FlowMatchingRunConfig, {
         "data.source": args.data, "train.budget": args.train_images}, package="flow_matching")
 
-    with main_first():  # rank 0 decodes into the cache, the other processes then read it
-        train = load_images(cfg.data.source, "train")
-        test = load_images(cfg.data.source, "test")
+    train, test = load_train_test(cfg.data.source)
     print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
-    if test.classes != train.classes:
-        raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     if tuple(train.images.shape[1:]) != shape:
         raise UserError(f"images are {tuple(train.images.shape[1:])} but the model expects {shape} (model.channels, model.image_size)")

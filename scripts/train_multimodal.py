@@ -30,7 +30,7 @@ from shared.cache import cache_root
 from shared import distributed
 from shared.config import load_config
 from shared.errors import ConfigError, UserError, run_main
-from shared.images import load_images, save_classes
+from shared.images import load_train_test, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params, pick_device, refuse_finished
 from vqvae.tokenizer import VQTokenizer
@@ -52,10 +52,7 @@ def main() -> None:
     device = pick_device(cfg.train.device, local.local_rank if local.active else None)
     vq = VQTokenizer.from_run(cfg.data.vqvae, device=device)
 
-    with distributed.main_first():  # rank 0 fills the caches, the other processes then read them
-        train, test = load_images(cfg.data.source, "train"), load_images(cfg.data.source, "test")
-    if test.classes != train.classes:
-        raise UserError(f"the train and test splits of {cfg.data.source} have different classes")
+    train, test = load_train_test(cfg.data.source)
     s = vq.image_size
     if tuple(train.images.shape[1:]) != (3, s, s):
         raise UserError(f"images are {list(train.images.shape[1:])} but the VQ-VAE encodes [3, {s}, {s}]")

@@ -14,7 +14,7 @@ import torch
 
 from shared import distributed
 from shared.errors import ConfigError, UserError, run_main
-from shared.images import ImageBatches, load_images
+from shared.images import ImageBatches, load_train_test
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
 from vqvae.config import VQVAERunConfig
@@ -30,9 +30,7 @@ def main() -> None:
     cfg, run_dir, resume = resolve_run(args, VQVAERunConfig, {"data.source": args.data, "train.budget": args.train_images},
                                        package="vqvae")
 
-    with distributed.main_first():  # rank 0 decodes into the cache, the other processes then read it
-        train = load_images(cfg.data.source, "train")
-        test = load_images(cfg.data.source, "test")
+    train, test = load_train_test(cfg.data.source, same_classes=False)  # a tokenizer needs no labels
     s = cfg.model.image_size
     if tuple(train.images.shape[1:]) != (3, s, s):
         raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "

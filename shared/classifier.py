@@ -32,6 +32,8 @@ class ClassifierModelConfig:
     num_classes: int = 0  # 0: taken from the data
     head_scale: float = 0.125  # logits are scaled down, which trains faster (Page)
     flip_tta: bool = True  # predictions average the logits of each image and its mirror image
+    shift_tta: bool = False  # ... and, at half weight, of the image moved one pixel up-left and down-right
+    whiten: bool = False  # stem: a frozen 2x2 conv that whitens pixel patches (PatchWhitening), not a learned conv
 
     def __post_init__(self):
         if self.width <= 0:
@@ -44,6 +46,7 @@ class ClassifierDataConfig:
     crop_pad: int = 4  # random translations of up to this many pixels (reflection padding)
     hflip: bool = True
     eval_images: int = 10_000  # test images scored at each evaluation (the whole CIFAR-10 test split)
+    alternate_flip: bool = False  # mirror each image in every other epoch instead of at random
 
 
 @dataclass
@@ -59,6 +62,8 @@ class ClassifierRunConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.model.flip_tta and not self.data.hflip:
             raise ConfigError("model.flip_tta needs data.hflip: mirror images are only fair to a model trained on them")
+        if self.data.alternate_flip and not self.data.hflip:
+            raise ConfigError("data.alternate_flip needs data.hflip")
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -74,27 +79,71 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+class PatchWhitening(nn.Module):
+    """A frozen 2x2 convolution whose filters whiten the 12 values of a 2x2 pixel patch (the
+    eigenvectors of their covariance over training images, scaled by 1/sqrt(eigenvalue)), each
+    also negated so that the ReLU after it keeps both signs: 24 channels. The idea of Page's fast
+    CIFAR-10 training and of airbench (Jordan 2024); only the bias is learned."""
+
+    channels = 24
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(self.channels, 3, 2, 2))
+        self.bias = nn.Parameter(torch.zeros(self.channels))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the filters from images [N, 3, H, W] in [-1, 1]."""
+        patches = F.unfold(images.float(), 2).transpose(1, 2).reshape(-1, 12).double()
+        mean = patches.mean(0)
+        eigvals, eigvecs = torch.linalg.eigh(torch.cov(patches.T))
+        filters = eigvecs.T / (eigvals.clamp_min(0) + eps).sqrt()[:, None]
+        w = torch.cat([filters, -filters]).float()
+        self.weight.copy_(w.view(self.channels, 3, 2, 2))
+        self.bias.copy_(-(w @ mean.float()))  # centred: the channels start at mean zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
+
+
 class ResNet9(nn.Module):
     def __init__(self, cfg: ClassifierModelConfig):
         super().__init__()
         if cfg.num_classes <= 0:
             raise ConfigError("model.num_classes must be set (it normally comes from the data)")
         w = cfg.width
+        stem, c_stem = (PatchWhitening(), PatchWhitening.channels) if cfg.whiten else (_conv_bn(3, w), w)
         self.features = nn.Sequential(
-            _conv_bn(3, w),
-            _conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            stem,
+            _conv_bn(c_stem, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
             _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
             _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
             nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
-        self.head_scale, self.flip_tta = cfg.head_scale, cfg.flip_tta
+        self.head_scale, self.flip_tta, self.shift_tta = cfg.head_scale, cfg.flip_tta, cfg.shift_tta
+
+    def fit_stem(self, images: torch.Tensor) -> None:
+        """Fit a whitening stem to training images (uint8 [N, 3, H, W]); nothing for a learned stem."""
+        if isinstance(self.features[0], PatchWhitening):
+            self.features[0].fit(to_float(images))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for images x in [-1, 1]."""
         return self.head(self.features(x)) * self.head_scale
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation: with flip_tta, averaged over the image and its mirror image."""
+        """Logits for evaluation: with flip_tta, averaged over the image and its mirror image; with
+        shift_tta also over one-pixel diagonal shifts (reflection at the border), at half weight."""
+        logits = self._flip_views(x)
+        if self.shift_tta:
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            h, w = x.shape[-2:]
+            shifted = self._flip_views(padded[..., :h, :w]) + self._flip_views(padded[..., 2:, 2:])
+            logits = (logits + shifted / 2) / 2
+        return logits
+
+    def _flip_views(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
         return (logits + self(x.flip(-1))) / 2 if self.flip_tta else logits
 

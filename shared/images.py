@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .cache import cache_root
+from .distributed import main_first
 from .epochs import EpochOrder
 from .errors import UserError
 
@@ -181,6 +182,16 @@ def _cifar10(split: str) -> ImageSet:
     return ImageSet(images, torch.tensor(ds.targets), tuple(ds.classes), f"CIFAR-10 (torchvision), {split} split ({len(images):,} images)")
 
 
+def load_train_test(spec: str, same_classes: bool = True) -> tuple[ImageSet, ImageSet]:
+    """Both splits of a training script's data. With several processes rank 0 decodes into the
+    cache first and the others then read it."""
+    with main_first():
+        train, test = load_images(spec, "train"), load_images(spec, "test")
+    if same_classes and test.classes != train.classes:
+        raise UserError(f"the train and test splits of {spec} have different classes")
+    return train, test
+
+
 def load_images(spec: str, split: str = "train") -> ImageSet:
     """`split` is train or test; "all" reads every image of a one-split folder (generated samples)."""
     if split not in ("train", "test", "all"):
@@ -214,15 +225,21 @@ class ImageBatches:
     needs (epoch, cursor) to continue exactly.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, hflip: bool = False):
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, hflip: bool = False, alternate: bool = False):
         self.data, self.hflip = data, hflip
         self.order = EpochOrder(len(data), batch_size, seed, what="images")
         self.units_per_batch = batch_size
+        # Alternating flip (Jordan 2024, airbench): each image is mirrored in every other epoch, from
+        # a random first choice, so two consecutive epochs always show both of its sides.
+        self.first_flip = torch.rand(len(data), generator=torch.Generator().manual_seed(seed)) < 0.5 if hflip and alternate else None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx, g = self.order.next()
         images = self.data.images[idx]
-        if self.hflip:
+        if self.first_flip is not None:
+            flip = self.first_flip[idx] ^ bool(self.order.epoch % 2)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        elif self.hflip:
             flip = torch.rand(len(idx), generator=g) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return to_float(images), self.data.labels[idx]

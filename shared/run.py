@@ -101,7 +101,7 @@ def check_output(path: str | Path | None, folder: bool) -> Path | None:
     return path
 
 
-def find_preset(config: str, package: str | None) -> str:
+def find_preset(config: str, package: str | None, flag: str = "--config") -> str:
     """`--config debug` means configs/<package>/debug.toml; a path is taken as it is."""
     path = Path(config)
     if path.exists() or package is None or "/" in config or config.endswith(".toml"):
@@ -110,7 +110,7 @@ def find_preset(config: str, package: str | None) -> str:
     if preset.is_file():
         return str(preset)
     names = ", ".join(sorted(p.stem for p in (ROOT / "configs" / package).glob("*.toml")))
-    raise UserError(f"--config {config!r} is neither a file nor a {package} preset ({names})")
+    raise UserError(f"{flag} {config!r} is neither a file nor a {package} preset ({names})")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LLM_DEBUG = str(ROOT / "configs" / "llm" / "debug.toml")
+# Overrides that make the LLM debug preset a run of seconds: a 400-token BPE, 32-token windows, no
+# evaluation or checkpoints on the way (a file adds its budget; later overrides win).
+TINY_LLM = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
+            "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
 
 
 def _data_dir() -> Path | None:

@@ -12,7 +12,7 @@ from shared.classifier import ClassifierModelConfig, ClassifierRunConfig, Classi
 from shared.config import from_dict
 from shared.errors import ConfigError
 from shared.fid import feature_stats, fid_from_stats, frechet_distance
-from shared.images import ImageSet, generate_shapes
+from shared.images import ImageBatches, ImageSet, generate_shapes, to_float
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -138,8 +138,49 @@ def test_flip_tta_predictions_are_mirror_invariant_and_need_flip_training():
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(model.predict(x), model.predict(x.flip(-1)))
     torch.testing.assert_close(model.predict(x), (model(x) + model(x.flip(-1))) / 2)
+    model.shift_tta = True
+    flip = lambda v: (model(v) + model(v.flip(-1))) / 2  # noqa: E731
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :16, :16], padded[..., 2:, 2:]
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :15, :15]) and torch.equal(down_right[..., :15, :15], x[..., 1:, 1:])
+    torch.testing.assert_close(model.predict(x), (flip(x) + (flip(up_left) + flip(down_right)) / 2) / 2)
     model.flip_tta = False
     assert not torch.allclose(model.predict(x), model.predict(x.flip(-1)))
     with pytest.raises(ConfigError, match="flip_tta"):
         from_dict(ClassifierRunConfig, {"data": {"hflip": False}})
     assert not from_dict(ClassifierRunConfig, {"data": {"hflip": False}, "model": {"flip_tta": False}}).data.hflip
+
+
+def test_patch_whitening_stem_whitens_training_patches_and_is_frozen():
+    images, labels = generate_shapes(20, seed=0)
+    torch.manual_seed(0)
+    model = ResNet9(ClassifierModelConfig(width=8, num_classes=10, whiten=True))
+    model.fit_stem(images)
+    stem = model.features[0]
+    x = images.float() / 127.5 - 1
+    out = torch.nn.functional.conv2d(x, stem.weight, stem.bias)  # before the ReLU
+    channels = out.transpose(0, 1).reshape(stem.channels, -1)
+    half = channels[:stem.channels // 2]
+    torch.testing.assert_close(channels[stem.channels // 2:], -half)  # the negated copies
+    cov = torch.cov(half.double())
+    # unit variance where the data has variance, no correlation between channels
+    assert torch.allclose(cov.diagonal()[-6:], torch.ones(6, dtype=torch.float64), atol=0.02)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 0.02
+    assert half.mean(1).abs().max() < 1e-3
+    assert "features.0.weight" in model.state_dict()  # saved with the checkpoint ...
+    assert all(p is not stem.weight for p in model.parameters())  # ... but never trained
+    assert model(x[:4]).shape == (4, 10)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    n = 8
+    images = torch.arange(n * 3 * 2 * 2, dtype=torch.uint8).view(n, 3, 2, 2)
+    data = ImageSet(images, torch.arange(n), tuple(str(i) for i in range(n)), "")
+    batches = ImageBatches(data, n, seed=0, hflip=True, alternate=True)
+    flipped = []
+    for _ in range(3):
+        x, y = batches.next_batch()
+        x = x[y.argsort()]
+        flipped.append(torch.tensor([not torch.equal(x[i], to_float(images[i])) for i in range(n)]))
+    assert 0 < flipped[0].sum() < n  # a random first choice
+    assert torch.equal(flipped[1], ~flipped[0]) and torch.equal(flipped[2], flipped[0])

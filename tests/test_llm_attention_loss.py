@@ -1,6 +1,5 @@
 """Document masking and the chunked output-layer loss: exact, causal, and what the model trains with."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import LLM_DEBUG, TINY_LLM, assert_one_line_error, run_script
 from llm import downstream as ds
 from llm.model import Decoder, DecoderConfig
 from llm.tokenizer import TextTokenizer
 from shared.errors import UserError
 
-DEBUG = str(ROOT / "configs" / "llm" / "debug.toml")
-TINY = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
-        "train.budget=1024", "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
+DEBUG = LLM_DEBUG
+TINY = [*TINY_LLM, "train.budget=1024"]
 EOS = "<|endoftext|>"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script
 from llm.config import LLMRunConfig
 from llm.model import Decoder, DecoderConfig
 from llm.tokenizer import TextTokenizer, train_bpe

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import LLM_DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
 
-DEBUG = str(ROOT / "configs" / "llm" / "debug.toml")
-TINY = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
-        "train.budget=1024", "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
+DEBUG = LLM_DEBUG
+TINY = [*TINY_LLM, "train.budget=1024"]
 
 
 def test_missing_data_path_is_one_clear_line(tmp_path):

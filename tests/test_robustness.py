@@ -16,18 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import LLM_DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
 from shared import checkpoint as ckpt_mod
 from shared.checkpoint import resolve_checkpoint
 from shared.errors import UserError
 from shared.run import lock_run_dir
 from test_trainer import make
 
-DEBUG = str(ROOT / "configs" / "llm" / "debug.toml")
+DEBUG = LLM_DEBUG
 # a tiny run with a checkpoint every 4 steps: kills land before, between and inside checkpoints
-TINY = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
-        "train.budget=3072", "train.eval_every=0", "train.ckpt_every=512", "train.log_every=1",
-        "sample.max_new_tokens=4", "train.keep_checkpoints=1"]
+TINY = [*TINY_LLM, "train.budget=3072", "train.ckpt_every=512", "train.log_every=1", "train.keep_checkpoints=1"]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

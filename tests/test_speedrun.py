@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun import (SCHEMA, compare, derive_label, format_budget, leaderboard, load_record, parse_budget,
                           resolve_preset)
 from shared.errors import UserError
 from shared.stats import mean_std, welch_df, welch_less
 
 # the harness sets train.budget and train.seed itself
-TINY = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len=32", "train.batch_size=4",
-        "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
+TINY = TINY_LLM
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -153,7 +152,9 @@ def test_bad_input_is_one_clear_line(tmp_path):
     for (args, fragments), proc in zip(cases, procs):
         assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "runs").exists()  # every refusal came before any training
-    with pytest.raises(UserError, match="unknown preset 'nope': give one of blueberry-151m, blueberry-88m, debug"):
-        resolve_preset("nope", ROOT / "configs" / "llm")
+    with pytest.raises(UserError, match=r"--preset 'nope' is neither a file nor a llm preset \(blueberry-151m, blueberry-88m, debug"):
+        resolve_preset("nope")
+    with pytest.raises(UserError, match="no such file"):
+        resolve_preset(str(tmp_path / "missing.toml"))
     with pytest.raises(UserError, match="record not found"):
         load_record(tmp_path / "missing.json")
