@@ -35,7 +35,7 @@ def main() -> None:
 
     torch.manual_seed(cfg.train.seed)
     model = ResNet9(cfg.model)
-    model.fit_stem(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed))[:5000]])
+    model.fit_stem(train.images, cfg.train.seed)
     model = model.to(memory_format=torch.channels_last)
     print(f"model: ResNet-9 width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip, alternate=cfg.data.alternate_flip)

@@ -123,10 +123,11 @@ class ResNet9(nn.Module):
         self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
         self.head_scale, self.flip_tta, self.shift_tta = cfg.head_scale, cfg.flip_tta, cfg.shift_tta
 
-    def fit_stem(self, images: torch.Tensor) -> None:
-        """Fit a whitening stem to training images (uint8 [N, 3, H, W]); nothing for a learned stem."""
+    def fit_stem(self, images: torch.Tensor, seed: int, n: int = 5000) -> None:
+        """Fit a whitening stem to n random training images (uint8 [N, 3, H, W]); nothing for a learned stem."""
         if isinstance(self.features[0], PatchWhitening):
-            self.features[0].fit(to_float(images))
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+            self.features[0].fit(to_float(images[pick]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for images x in [-1, 1]."""

@@ -236,11 +236,11 @@ class ImageBatches:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx, g = self.order.next()
         images = self.data.images[idx]
-        if self.first_flip is not None:
-            flip = self.first_flip[idx] ^ bool(self.order.epoch % 2)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        elif self.hflip:
-            flip = torch.rand(len(idx), generator=g) < 0.5
+        if self.hflip:
+            if self.first_flip is not None:
+                flip = self.first_flip[idx] ^ bool(self.order.epoch % 2)
+            else:
+                flip = torch.rand(len(idx), generator=g) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return to_float(images), self.data.labels[idx]
 

@@ -155,7 +155,7 @@ def test_patch_whitening_stem_whitens_training_patches_and_is_frozen():
     images, labels = generate_shapes(20, seed=0)
     torch.manual_seed(0)
     model = ResNet9(ClassifierModelConfig(width=8, num_classes=10, whiten=True))
-    model.fit_stem(images)
+    model.fit_stem(images, seed=0)  # all 200 of them
     stem = model.features[0]
     x = images.float() / 127.5 - 1
     out = torch.nn.functional.conv2d(x, stem.weight, stem.bias)  # before the ReLU

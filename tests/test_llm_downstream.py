@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import LLM_DEBUG, TINY_LLM, assert_one_line_error, run_script
+from conftest import LLM_DEBUG as DEBUG, TINY_LLM, assert_one_line_error, run_script
 from llm import downstream as ds
 from llm.model import Decoder, DecoderConfig
 from llm.tokenizer import TextTokenizer
 from shared.errors import UserError
 
-DEBUG = LLM_DEBUG
 TINY = [*TINY_LLM, "train.budget=1024"]
 EOS = "<|endoftext|>"
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LLM_DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
+from conftest import LLM_DEBUG as DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
 
-DEBUG = LLM_DEBUG
 TINY = [*TINY_LLM, "train.budget=1024"]
 
 

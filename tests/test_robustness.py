@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LLM_DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
+from conftest import LLM_DEBUG as DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
 from shared import checkpoint as ckpt_mod
 from shared.checkpoint import resolve_checkpoint
 from shared.errors import UserError
 from shared.run import lock_run_dir
 from test_trainer import make
 
-DEBUG = LLM_DEBUG
 # a tiny run with a checkpoint every 4 steps: kills land before, between and inside checkpoints
 TINY = [*TINY_LLM, "train.budget=3072", "train.ckpt_every=512", "train.log_every=1", "train.keep_checkpoints=1"]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
