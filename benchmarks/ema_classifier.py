@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9
+from shared.classifier import ClassifierRunConfig, ClassifierTask, build_classifier
 from shared.config import load_config
 from shared.ema import EMA
 from shared.images import ImageBatches, load_images
@@ -64,7 +64,7 @@ class AveragedBuffersEMA(CopiedStatisticsEMA):
 
 def run(cfg: ClassifierRunConfig, variant: str, train, test, run_dir: Path) -> dict:
     torch.manual_seed(cfg.train.seed)
-    model = ResNet9(cfg.model).to(memory_format=torch.channels_last)
+    model = build_classifier(cfg.model).to(memory_format=torch.channels_last)
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, quiet=True)

@@ -1,7 +1,8 @@
 """Train the CIFAR-10 classifier that scores generated images (shared/classifier.py).
 
-    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data cifar10
-    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data /path/to/cifar10-jpeg
+    python scripts/train_classifier.py --config configs/classifier/airbench.toml --data cifar10
+    python scripts/train_classifier.py --config configs/classifier/airbench.toml --data /path/to/cifar10-jpeg
+    python scripts/train_classifier.py --config configs/classifier/resnet9.toml --data cifar10  # Page's ResNet-9
     python scripts/train_classifier.py --config configs/classifier/debug.toml       # CPU smoke run on the built-in set
 
 Reports test accuracy; scripts/evaluate_images.py --classifier runs/<name> then uses it.
@@ -13,7 +14,7 @@ import argparse
 
 import torch
 
-from shared.classifier import ClassifierRunConfig, ClassifierTask, ResNet9
+from shared.classifier import ClassifierRunConfig, ClassifierTask, build_classifier
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, load_train_test, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
@@ -34,10 +35,11 @@ def main() -> None:
     cfg.model.num_classes = len(train.classes)
 
     torch.manual_seed(cfg.train.seed)
-    model = ResNet9(cfg.model)
+    model = build_classifier(cfg.model)
     model.fit_stem(train.images, cfg.train.seed)
     model = model.to(memory_format=torch.channels_last)
-    print(f"model: ResNet-9 width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
+    name = {"resnet9": "ResNet-9", "airbench": "airbench net"}[cfg.model.arch]
+    print(f"model: {name} width {cfg.model.width}, {count_params(model) / 1e6:.2f}M parameters")
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip, alternate=cfg.data.alternate_flip)
     task = ClassifierTask(test, cfg.data.crop_pad, cfg.label_smoothing)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)

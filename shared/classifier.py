@@ -2,16 +2,19 @@
 
 The class accuracy of samples (the fraction a classifier trained on real images assigns to the
 class they were conditioned on) complements FID: FID says whether the images look like the data,
-accuracy whether the conditioning worked. The network is the ResNet-9 of Page's fast CIFAR-10
-training (conv-BN-ReLU stages, max pooling, two residual blocks, a scaled linear head).
+accuracy whether the conditioning worked. Two networks: the ResNet-9 of Page's fast CIFAR-10
+training (conv-BN-ReLU stages, max pooling, two residual blocks, a scaled linear head) and the
+three conv groups of Jordan's airbench94 (`model.arch`).
 
 Trained by scripts/train_classifier.py with the shared trainer; loaded by `load_classifier`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +31,22 @@ from .trainer import TrainConfig
 
 @dataclass
 class ClassifierModelConfig:
-    width: int = 64  # channels of the first stage; later stages use 2x, 4x, 8x
+    arch: Literal["resnet9", "airbench"] = "resnet9"
+    width: int = 64  # channels of the first stage; ResNet-9's later stages use 2x, 4x, 8x, airbench's 4x, 4x
     num_classes: int = 0  # 0: taken from the data
-    head_scale: float = 0.125  # logits are scaled down, which trains faster (Page)
+    head_scale: float = 0.125  # logits are scaled down, which trains faster (Page; airbench: 1 / channels)
     flip_tta: bool = True  # predictions average the logits of each image and its mirror image
     shift_tta: bool = False  # ... and, at half weight, of the image moved one pixel up-left and down-right
     whiten: bool = False  # stem: a frozen 2x2 conv that whitens pixel patches (PatchWhitening), not a learned conv
+    filter_norm: bool = False  # rescale each conv's filters to norm sqrt(out channels) after every step (airbench)
 
     def __post_init__(self):
         if self.width <= 0:
             raise ConfigError("model.width must be positive")
+        if self.arch not in ("resnet9", "airbench"):
+            raise ConfigError(f"model.arch must be \"resnet9\" or \"airbench\", got {self.arch!r}")
+        if self.arch == "airbench" and not self.whiten:
+            raise ConfigError("model.arch = \"airbench\" needs model.whiten = true (its stem is the whitening conv)")
 
 
 @dataclass
@@ -82,15 +91,16 @@ class Residual(nn.Module):
 class PatchWhitening(nn.Module):
     """A frozen 2x2 convolution whose filters whiten the 12 values of a 2x2 pixel patch (the
     eigenvectors of their covariance over training images, scaled by 1/sqrt(eigenvalue)), each
-    also negated so that the ReLU after it keeps both signs: 24 channels. The idea of Page's fast
-    CIFAR-10 training and of airbench (Jordan 2024); only the bias is learned."""
+    also negated so that the activation after it keeps both signs: 24 channels. The idea of Page's
+    fast CIFAR-10 training and of airbench (Jordan 2024); only the bias is learned."""
 
     channels = 24
 
-    def __init__(self):
+    def __init__(self, activation=F.relu):
         super().__init__()
         self.register_buffer("weight", torch.zeros(self.channels, 3, 2, 2))
         self.bias = nn.Parameter(torch.zeros(self.channels))
+        self.activation = activation
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -104,30 +114,41 @@ class PatchWhitening(nn.Module):
         self.bias.copy_(-(w @ mean.float()))  # centred: the channels start at mean zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
+        return self.activation(F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
 
 
-class ResNet9(nn.Module):
+class Classifier(nn.Module):
+    """What the networks share: a `features` stack ending in a vector, a bias-free linear `head`
+    whose logits are scaled by head_scale, test-time augmentation, the whitening stem's fit and
+    the optional filter normalisation."""
+
+    features: nn.Sequential
+    head: nn.Linear
+
     def __init__(self, cfg: ClassifierModelConfig):
         super().__init__()
         if cfg.num_classes <= 0:
             raise ConfigError("model.num_classes must be set (it normally comes from the data)")
-        w = cfg.width
-        stem, c_stem = (PatchWhitening(), PatchWhitening.channels) if cfg.whiten else (_conv_bn(3, w), w)
-        self.features = nn.Sequential(
-            stem,
-            _conv_bn(c_stem, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
-            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
         self.head_scale, self.flip_tta, self.shift_tta = cfg.head_scale, cfg.flip_tta, cfg.shift_tta
+        self.filter_norm = cfg.filter_norm
 
     def fit_stem(self, images: torch.Tensor, seed: int, n: int = 5000) -> None:
         """Fit a whitening stem to n random training images (uint8 [N, 3, H, W]); nothing for a learned stem."""
         if isinstance(self.features[0], PatchWhitening):
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
             self.features[0].fit(to_float(images[pick]))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """With filter_norm, every trained conv filter bank back to norm sqrt(out channels): BatchNorm
+        follows each conv, so the scale is free, and fixing it keeps Muon's step a constant fraction
+        of the weights instead of shrinking as they grow (airbench renormalises before each step,
+        which is the same thing once the weights start normalised). The trainer calls this hook."""
+        if not self.filter_norm:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                m.weight.mul_(math.sqrt(m.weight.shape[0]) / m.weight.norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for images x in [-1, 1]."""
@@ -147,6 +168,59 @@ class ResNet9(nn.Module):
     def _flip_views(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
         return (logits + self(x.flip(-1))) / 2 if self.flip_tta else logits
+
+
+class ResNet9(Classifier):
+    def __init__(self, cfg: ClassifierModelConfig):
+        super().__init__(cfg)
+        w = cfg.width
+        stem, c_stem = (PatchWhitening(), PatchWhitening.channels) if cfg.whiten else (_conv_bn(3, w), w)
+        self.features = nn.Sequential(
+            stem,
+            _conv_bn(c_stem, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8 * w, cfg.num_classes, bias=False)
+        if self.filter_norm:
+            self.after_optimizer_step()
+
+
+def _airbench_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight.data[:c_in])  # the first c_in filters start as the identity
+    return conv
+
+
+def _airbench_norm(c: int) -> nn.BatchNorm2d:
+    norm = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)  # running statistics that follow the last few batches
+    norm.weight.requires_grad_(False)  # scales stay at one; only the shifts train
+    return norm
+
+
+class AirbenchNet(Classifier):
+    """The network of airbench94 (Jordan 2024): the whitening stem, then three groups of conv, max
+    pool, BatchNorm, GELU, conv, BatchNorm, GELU (width, 4x, 4x channels), a final max pool and the
+    head, with convs started at the identity where their shape allows and BatchNorm scales frozen."""
+
+    def __init__(self, cfg: ClassifierModelConfig):
+        super().__init__(cfg)
+        layers: list[nn.Module] = [PatchWhitening(F.gelu)]
+        c_in = PatchWhitening.channels
+        for c in (cfg.width, 4 * cfg.width, 4 * cfg.width):
+            layers += [_airbench_conv(c_in, c), nn.MaxPool2d(2), _airbench_norm(c), nn.GELU(),
+                       _airbench_conv(c, c), _airbench_norm(c), nn.GELU()]
+            c_in = c
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, cfg.num_classes, bias=False)
+        with torch.no_grad():
+            self.head.weight.div_(self.head.weight.std())  # unit-variance head, its logits scaled by head_scale
+        if self.filter_norm:
+            self.after_optimizer_step()
+
+
+def build_classifier(cfg: ClassifierModelConfig) -> Classifier:
+    return AirbenchNet(cfg) if cfg.arch == "airbench" else ResNet9(cfg)
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -170,13 +244,13 @@ class ClassifierTask:
         self.eval_set, self.crop_pad, self.label_smoothing = eval_set, crop_pad, label_smoothing
         self.eval_batch_size = eval_batch_size
 
-    def loss(self, model: ResNet9, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: Classifier, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, labels = batch
         logits = model(random_crop(images, self.crop_pad))
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, model: ResNet9) -> dict[str, float]:
+    def evaluate(self, model: Classifier) -> dict[str, float]:
         was_training = model.training
         model.eval()  # BatchNorm running statistics, not the batch's
         logits = predict_logits(model, self.eval_set.images, self.eval_batch_size)
@@ -184,13 +258,13 @@ class ClassifierTask:
         labels = self.eval_set.labels
         return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
-    def sample(self, model: ResNet9, step: int, run_dir: Path, logger: MetricsLogger) -> None:
+    def sample(self, model: Classifier, step: int, run_dir: Path, logger: MetricsLogger) -> None:
         pass  # a classifier has nothing to sample
 
 
 @torch.no_grad()
-def predict_logits(model: ResNet9, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Float logits on the CPU for uint8 images [N, 3, H, W] (ResNet9.predict)."""
+def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Float logits on the CPU for uint8 images [N, 3, H, W] (Classifier.predict)."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
@@ -198,17 +272,17 @@ def predict_logits(model: ResNet9, images: torch.Tensor, batch_size: int = 500) 
     return torch.cat(out)
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[ResNet9, list[str]]:
+def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[Classifier, list[str]]:
     """(model in eval mode, class names) from a classifier run folder or checkpoint; EMA weights
     when the run kept them."""
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
     cfg = from_dict(ClassifierRunConfig, load_toml(run_dir / "config.toml"))
     classes = load_classes(run_dir, "scripts/train_classifier.py")
-    model = ResNet9(cfg.model)
+    model = build_classifier(cfg.model)
     load_weights(model, ckpt, ema=ema and cfg.train.ema_decay > 0)
     return model.to(device).eval(), classes
 
 
-def class_accuracy(model: ResNet9, images: torch.Tensor, labels: torch.Tensor) -> float:
+def class_accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (predict_logits(model, images).argmax(1) == labels).float().mean().item()

@@ -1,7 +1,7 @@
 """The Muon + AdamW split and learning-rate schedules.
 
 Muon (shared/muon.py: Nesterov momentum, Newton-Schulz orthogonalisation, shape-aware step size,
-decoupled weight decay) trains the hidden 2-D weight matrices; AdamW trains everything else:
+decoupled weight decay) trains the hidden 2-D weight matrices; AdamW (or SGD) trains everything else:
 embeddings, output heads, norms, gains, biases, and anything not 2-D (convolution filters too,
 unless `muon_conv` is set).
 """
@@ -35,6 +35,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     muon_conv: bool = False  # also train conv filters with Muon, flattened to [out, in*kh*kw]
     matrix_optimizer: Literal["muon", "adamw"] = "muon"  # "adamw": one AdamW at adam_lr trains everything (a baseline)
+    # what trains the rest: AdamW, or SGD with Nesterov momentum (airbench's CIFAR-10 recipe) at
+    # adam_lr, whose weight decay then shrinks every group by adam_lr * adam_weight_decay per step
+    other_optimizer: Literal["adamw", "sgd"] = "adamw"
+    sgd_momentum: float = 0.0  # that SGD's Nesterov momentum, in (0, 1) (airbench: 0.85); only with "sgd"
+    head_lr: float = 0.0  # learning rate of output heads (modules named *head) in that optimiser; 0: adam_lr
 
     def __post_init__(self):
         # written so that NaN fails every check (NaN compares false)
@@ -50,6 +55,14 @@ class OptimConfig:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         if not (0.0 <= self.muon_weight_decay < math.inf and 0.0 <= self.adam_weight_decay < math.inf):
             raise ConfigError("optim: weight decays must be non-negative and finite")
+        if self.other_optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optim.other_optimizer must be \"adamw\" or \"sgd\", got {self.other_optimizer!r}")
+        sgd = self.other_optimizer == "sgd"
+        if not (0.0 < self.sgd_momentum < 1.0 if sgd else self.sgd_momentum == 0.0):
+            raise ConfigError(f"optim.sgd_momentum must be in (0, 1) with other_optimizer = \"sgd\" and unset "
+                              f"otherwise, got {self.sgd_momentum} with {self.other_optimizer!r}")
+        if not 0.0 <= self.head_lr < math.inf:
+            raise ConfigError(f"optim.head_lr must be >= 0 (0 = adam_lr), got {self.head_lr}")
 
 
 def split_params(model: nn.Module, adam_modules: tuple[type[nn.Module], ...] = (nn.Embedding,),
@@ -87,8 +100,18 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list
         opts.append(Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
                          weight_decay=cfg.muon_weight_decay))
     if adam_params:
-        opts.append(torch.optim.AdamW(adam_params, lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=1e-10, **fused))
+        groups = [dict(params=adam_params, lr=cfg.adam_lr)]
+        if cfg.head_lr:  # a second group only when asked, so that older checkpoints' optimiser states still load
+            heads = {id(p) for name, m in model.named_modules() if name.endswith("head") for p in m.parameters()}
+            groups = [g for g in (dict(params=[p for p in adam_params if id(p) not in heads], lr=cfg.adam_lr),
+                                  dict(params=[p for p in adam_params if id(p) in heads], lr=cfg.head_lr)) if g["params"]]
+        if cfg.other_optimizer == "sgd":
+            for g in groups:  # torch's decay is lr * weight_decay per step: the same fraction in every group
+                g["weight_decay"] = cfg.adam_lr * cfg.adam_weight_decay / g["lr"]
+            opts.append(torch.optim.SGD(groups, momentum=cfg.sgd_momentum, nesterov=True, **fused))
+        else:
+            opts.append(torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          weight_decay=cfg.adam_weight_decay, eps=1e-10, **fused))
     for opt in opts:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_script
-from shared.classifier import ClassifierModelConfig, ClassifierRunConfig, ClassifierTask, ResNet9, random_crop
+from conftest import ROOT, assert_one_line_error, run_script
+from shared.classifier import (ClassifierModelConfig, ClassifierRunConfig, ClassifierTask, ResNet9, build_classifier,
+                               load_classifier, random_crop)
 from shared.config import from_dict
 from shared.errors import ConfigError
 from shared.fid import feature_stats, fid_from_stats, frechet_distance
@@ -170,6 +173,49 @@ def test_patch_whitening_stem_whitens_training_patches_and_is_frozen():
     assert "features.0.weight" in model.state_dict()  # saved with the checkpoint ...
     assert all(p is not stem.weight for p in model.parameters())  # ... but never trained
     assert model(x[:4]).shape == (4, 10)
+
+
+def test_airbench_net_starts_at_identity_with_frozen_scales_and_its_filter_norms_held():
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierModelConfig(arch="airbench", width=8, num_classes=10, whiten=True, filter_norm=True))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape[:2]) for c in convs] == [(8, 24), (8, 8), (32, 8), (32, 32), (32, 32), (32, 32)]
+    eye = torch.zeros(8, 8, 3, 3)
+    eye[range(8), range(8), 1, 1] = 1  # norm sqrt(8): the normalisation leaves it as it is
+    torch.testing.assert_close(convs[1].weight.detach(), eye)
+    widening = convs[2].weight.detach()[:8]  # its first c_in filters: the identity, scaled with the random rest
+    torch.testing.assert_close(widening / widening[0, 0, 1, 1], eye)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6 and not any(n.weight.requires_grad for n in norms) and all(n.bias.requires_grad for n in norms)
+    assert model.head.weight.std().item() == pytest.approx(1.0, rel=1e-4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with torch.no_grad():
+        for c in convs:
+            c.weight.mul_(3).add_(torch.randn_like(c.weight))  # what training steps do to the scale
+    model.after_optimizer_step()
+    for c in convs:
+        assert c.weight.norm().item() == pytest.approx(c.weight.shape[0] ** 0.5, rel=1e-5)
+    with pytest.raises(ConfigError, match="whiten"):
+        ClassifierModelConfig(arch="airbench", whiten=False)
+    with pytest.raises(ConfigError, match="arch"):
+        ClassifierModelConfig(arch="vit")
+
+
+def test_train_classifier_runs_the_airbench_recipe_end_to_end(tmp_path):
+    """configs/classifier/airbench.toml's network and optimisers (SGD for the rest, held filter
+    norms), shrunk to the built-in shapes: it learns, and the saved filters keep their norms."""
+    proc = run_script("train_classifier.py", "--config", str(ROOT / "configs/classifier/airbench.toml"),
+                      "--experiment_name", "air", "--data", "builtin", "model.width=8", "data.eval_images=500",
+                      "train.batch_size=100", "train.budget=6000", "train.ckpt_every=0",
+                      "optim.adam_lr=5.3", "optim.head_lr=67", cwd=tmp_path)  # the SGD rates scale with the batch
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "airbench net width 8" in proc.stdout
+    model, classes = load_classifier(tmp_path / "runs" / "air")
+    assert len(classes) == 10
+    summary = json.loads((tmp_path / "runs" / "air" / "summary.json").read_text())
+    assert summary["final_eval"]["accuracy"] > 0.3  # chance: 0.1
+    for c in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        assert c.weight.norm().item() == pytest.approx(c.weight.shape[0] ** 0.5, rel=1e-4)
 
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():

@@ -1,12 +1,14 @@
 """The Muon + AdamW split, Muon itself, and the learning-rate schedules."""
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
 from llm.model import Decoder, DecoderConfig
+from shared.errors import ConfigError
 from shared.muon import Muon, orthogonalize
 from shared.optim import OptimConfig, build_optimizers, lr_multiplier, split_params
 
@@ -73,6 +75,27 @@ def test_conv_filters_go_to_muon_only_when_asked_and_step_as_flattened_matrices(
         for o in opts:
             o.step()
     torch.testing.assert_close(conv.detach().reshape(16, 72), flat.detach())
+
+
+def test_sgd_for_the_rest_gives_heads_their_rate_and_every_group_the_same_decay():
+    model = nn.Sequential(OrderedDict(body=nn.Linear(4, 4), norm=nn.LayerNorm(4), head=nn.Linear(4, 2, bias=False)))
+    cfg = OptimConfig(other_optimizer="sgd", adam_lr=2.0, head_lr=8.0, adam_weight_decay=0.01, sgd_momentum=0.85)
+    muon, sgd = build_optimizers(model, cfg)
+    assert isinstance(muon, Muon) and isinstance(sgd, torch.optim.SGD)
+    group = {id(p): g for g in sgd.param_groups for p in g["params"]}
+    assert group[id(model.head.weight)]["lr"] == 8.0
+    assert group[id(model.norm.weight)]["lr"] == group[id(model.body.bias)]["lr"] == 2.0
+    for g in sgd.param_groups:  # torch.optim.SGD shrinks by lr * weight_decay per step
+        assert g["lr"] * g["weight_decay"] == pytest.approx(0.02) and g["nesterov"] and g["momentum"] == 0.85
+    # without head_lr the rest is one group, the layout of checkpoints saved before the option
+    _, adam = build_optimizers(model, OptimConfig())
+    assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 1
+    with pytest.raises(ConfigError, match="other_optimizer"):
+        OptimConfig(other_optimizer="lion")
+    with pytest.raises(ConfigError, match="sgd_momentum"):
+        OptimConfig(other_optimizer="sgd")  # no momentum given
+    with pytest.raises(ConfigError, match="sgd_momentum"):
+        OptimConfig(sgd_momentum=0.9)  # would be ignored by AdamW
 
 
 def test_muon_rejects_non_matrices():
