@@ -10,6 +10,20 @@ FLOPs per token (llm.model.matmul_flops_per_token): 6 x every matmul weight, the
 included and the embedding lookup not, plus 12 x layers x width x sequence for attention (PaLM's
 accounting; the causal half is not subtracted). MFU = tokens/s x that / the GPU's dense bf16 peak.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak resident set.
+
+--loss_report measures the output layer + loss alone instead (shared/losses.py), forward and
+backward of one chunk's tokens (--loss_chunk, the preset's by default) three ways: the eager
+chunked code before its body was compiled (`_OldLinearCrossEntropy` below, kept here only for
+this comparison), the chunked loss as the package runs it (its chunk body compiled on CUDA, eager
+on the CPU; on the CPU also compiled, as CUDA runs it), and the full logits + F.cross_entropy
+under torch.compile. For each: ms per call, peak memory above the inputs, and kernels per call
+and per added chunk (two chunks' count less one's). Kernels are what the profiler records: on a
+GPU the CUDA kernels (memsets and copies apart); on the CPU, labelled so, the aten ops dispatched
+that do the work (the lowest in each call tree, less views and allocations) plus inductor's fused
+C++ kernels. Precision as in training (--precision; bf16 autocast on a GPU):
+
+    python benchmarks/llm_throughput.py --preset blueberry-88m --loss_report        # a GPU: 4,096 x 49,152
+    python benchmarks/llm_throughput.py --preset debug --loss_report --vocab_size 4096 --loss_chunk 512   # CPU
 """
 
 from __future__ import annotations
@@ -21,13 +35,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llm.config import LLMRunConfig
 from llm.model import Decoder, matmul_flops_per_token
 from llm.task import LanguageModelTask
 from shared.config import load_config
 from shared.errors import UserError, run_main
-from shared.trainer import Trainer, count_params, hardware_info
+from shared.losses import linear_cross_entropy
+from shared.trainer import Trainer, count_params, hardware_info, pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a fragment of torch.cuda.get_device_name;
@@ -45,13 +61,167 @@ class RandomTokens:
     def next_batch(self):
         x = torch.randint(1, self.vocab, (self.batch, self.seq + 1), generator=self.g)
         x[torch.rand(x.shape, generator=self.g) < 1 / 500] = 0  # id 0 stands for EOS: documents of ~500 tokens
-        return x[:, :-1], x[:, 1:]
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous()  # as llm.data hands them: contiguous, pinned fast
 
     def state_dict(self):
         return {}
 
     def load_state_dict(self, state):
         pass
+
+
+class _OldLinearCrossEntropy(torch.autograd.Function):
+    """shared/losses.py before its per-chunk body was compiled, for --loss_report only: eager, the
+    weight cast (by autocast) at each chunk's matmuls, fp32 gradients cast again for each."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, softcap):
+        n = h.shape[0]
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = (hc @ w.t()).float()
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = squashed * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+            if softcap:
+                probs.mul_(1 - squashed.square())
+            g = probs.div_(n).to(h.dtype)
+            grad_h[s:s + chunk] = g @ w
+            grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+
+
+# leaf aten ops that move no data (views, allocations, no-op casts): not counted as work on the CPU
+_NO_WORK = {"as_strided", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "slice", "select", "squeeze",
+            "unsqueeze", "expand", "alias", "detach", "resolve_conj", "resolve_neg", "real", "to", "lift_fresh",
+            "empty", "empty_strided", "empty_like"}
+
+
+def _launches(prof, device: torch.device) -> dict:
+    """What ran. CUDA: the GPU's kernels, and its memsets and copies apart. CPU: the aten ops
+    dispatched that do the work (the lowest ones that are not views, allocations or no-op casts)
+    and inductor's fused C++ kernels."""
+    if device.type == "cuda":
+        names = [e.name() for e in prof.profiler.kineto_results.events()
+                 if e.device_type() == torch.autograd.DeviceType.CUDA]
+        copies = sum(n.startswith(("Memcpy", "Memset")) for n in names)
+        return {"kernels": len(names) - copies, "memsets_copies": copies}
+
+    def work(e):  # an op counts unless ops under it do the work
+        below = sum(work(c) for c in e.cpu_children)
+        return below or int(e.name.startswith("aten::") and e.name[6:] not in _NO_WORK or "cpp_fused" in e.name)
+
+    return {"kernels": sum(work(e) for e in prof.events() if e.cpu_parent is None)}
+
+
+def _peak_above(run, device: torch.device) -> int:
+    """Bytes allocated by `run` at its peak, beyond what was held before: the CUDA allocator's
+    counter, or on the CPU the running sum of the profiler's allocation records."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch._C._profiler import _EventType
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    allocs, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        e = todo.pop()
+        todo += e.children
+        if e.tag == _EventType.Allocation:
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+    held = peak = 0
+    for _, size in sorted(allocs):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+def loss_report(cfg, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """--loss_report: per path, at one chunk's tokens, milliseconds, peak memory above the inputs and
+    kernels per call, and for the chunked paths the kernels that one more chunk adds."""
+    chunk, vocab, dim, cap = cfg.model.loss_chunk, cfg.model.vocab_size, cfg.model.d_model, cfg.model.logit_softcap
+    if chunk < 1:
+        raise UserError("--loss_report compares chunked losses: --loss_chunk must be positive")
+    if device.type == "cpu":  # inductor's C++ kernels appear in the profiler only when asked before compiling
+        import torch._inductor.config
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2 * chunk, dim, generator=g).to(device).requires_grad_()  # fp32: what the final norm gives
+    w = (torch.randn(vocab, dim, generator=g) / dim ** 0.5).to(device).requires_grad_()
+    y = torch.randint(0, vocab, (2 * chunk,), generator=g).to(device)
+
+    @torch.compile(dynamic=False)
+    def full(h, w, y):  # what Decoder.forward does with loss_chunk = 0
+        logits = F.linear(h, w)
+        logits = cap * torch.tanh(logits.float() / cap) if cap else logits
+        return F.cross_entropy(logits.float(), y)
+
+    paths = {"old_eager": lambda h, w, y: _OldLinearCrossEntropy.apply(h, w, y, chunk, cap),
+             "new": lambda h, w, y: linear_cross_entropy(h, w, y, chunk, cap)}
+    if device.type == "cpu":  # what CUDA runs, here by CPU inductor
+        paths["new_compiled"] = lambda h, w, y: linear_cross_entropy(h, w, y, chunk, cap, compile=True)
+    paths["full_logits_compiled"] = full
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(loss, n):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = loss(h[:n], w, y[:n])
+        out.backward()
+        h.grad = w.grad = None
+        sync()
+
+    result = {}
+    for name, loss in paths.items():
+        for n in (chunk, 2 * chunk, chunk):  # compile both shapes, warm the allocator
+            step(loss, n)
+        counts = []
+        for n in (chunk, 2 * chunk):
+            with torch.profiler.profile(activities=activities) as prof:
+                step(loss, n)
+            counts.append(_launches(prof, device))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(loss, chunk)
+            times.append(time.perf_counter() - t0)
+        row = {"ms_per_call": round(1e3 * sorted(times)[len(times) // 2], 3),
+               "peak_memory_mib": round(_peak_above(lambda: step(loss, chunk), device) / 2**20, 1)}
+        row.update({f"{k}_per_call": v for k, v in counts[0].items()})
+        if name != "full_logits_compiled":
+            row.update({f"{k}_per_added_chunk": counts[1][k] - v for k, v in counts[0].items()})
+        result[name] = row
+    return {"report": "loss", "tokens": chunk, "vocab_size": vocab, "d_model": dim, "softcap": cap,
+            "precision": str(dtype).removeprefix("torch."),
+            "counted": ("CUDA kernels, and memsets + copies apart (torch.profiler)" if device.type == "cuda" else
+                        "CPU, not GPU kernels: leaf aten ops dispatched less views and allocations, plus inductor's "
+                        "fused C++ kernels (torch.profiler)"),
+            "peak_memory": ("torch.cuda.max_memory_allocated above the inputs" if device.type == "cuda" else
+                            "CPU: the peak of the profiler's allocation records above the inputs"),
+            "paths": result, "hardware": hardware_info(device)}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -76,6 +246,9 @@ def main() -> None:
     p.add_argument("--doc_mask", action="store_true", help="attention inside documents (a synthetic EOS every ~500 tokens)")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="under torchrun: the data-parallel mode (torchrun --nproc_per_node 1 measures its overhead)")
+    p.add_argument("--loss_report", action="store_true",
+                   help="measure the output layer + loss alone, old and new chunked paths and the compiled full logits")
+    p.add_argument("--repeats", type=int, default=5, help="--loss_report: timed calls per path (the median is kept)")
     args = p.parse_args()
     path = Path(args.preset) if args.preset.endswith(".toml") else ROOT / "configs" / "llm" / f"{args.preset}.toml"
     overrides = [f"model.vocab_size={args.vocab_size}", f"train.compile={str(args.compile).lower()}",
@@ -87,6 +260,10 @@ def main() -> None:
     cfg = load_config(LLMRunConfig, path, overrides)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.loss_report:
+        device = pick_device(args.device)
+        print(json.dumps(loss_report(cfg, device, pick_dtype(args.precision, device), max(1, args.repeats)), indent=2))
+        return
     seq, batch = cfg.data.seq_len, cfg.train.batch_size
     torch.manual_seed(0)
     model = Decoder(cfg.model, seq)

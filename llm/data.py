@@ -238,7 +238,7 @@ class PackedBatches:
         starts = rows.numpy() * self.seq_len
         chunk = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         chunk = torch.from_numpy(chunk)
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # views of stride T + 1 would pin slowly
 
     def skip_batch(self) -> None:
         """Advance past a batch without building it (another process trains on it)."""

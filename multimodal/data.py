@@ -91,6 +91,10 @@ class SequenceBatches:
         rows = [layout.caption_rows(per_class) for per_class in captions.ids]
         self.prompts = torch.stack([p for p, _ in rows])  # [classes, templates, prompt_length]
         self.tails = torch.stack([t for _, t in rows])
+        # every tail holds a caption (none is the empty one): checked once here, so that building a
+        # batch skips assemble's check, which reads tensor values on the host
+        if not bool((self.tails[..., 0] == layout.vocab.seg_end).all()):
+            raise ValueError("an image-to-text sequence needs a caption")
         self.empty_prompt = layout.caption_rows([None])[0][0]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,8 +107,8 @@ class SequenceBatches:
         codes = self.tokens.codes[idx, mirrored.long()]
         labels = self.tokens.labels[idx]
         prompts = torch.where(empty[:, None], self.empty_prompt, self.prompts[labels, template])
-        ids, kinds = self.layout.assemble(codes, prompts, self.tails[labels, template], to_image)
-        return ids[:, :-1], ids[:, 1:], kinds[:, 1:]
+        ids, kinds = self.layout.assemble(codes, prompts, self.tails[labels, template], to_image, check=False)
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), kinds[:, 1:].contiguous()
 
     def skip_batch(self) -> None:
         """Advance past a batch without building it (another process trains on it)."""

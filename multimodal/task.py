@@ -42,7 +42,8 @@ class MultimodalTask:
         self.caption_images = val.first(sample_cfg.captions)  # captioned at each sample hook
         self.zero_shot, self.sample_cfg, self.banned_text = zero_shot, sample_cfg, banned_text
         self.decode_text, self.eval_batch_size = decode_text, eval_batch_size
-        self.weights = torch.tensor([0.0, loss_cfg.text_weight, loss_cfg.visual_weight])
+        self.weights = torch.tensor([0.0, loss_cfg.text_weight, loss_cfg.visual_weight])  # by token kind
+        self._weights: dict[torch.device, torch.Tensor] = {}  # the same, moved once to each device the loss runs on
         self._sums: torch.Tensor | None = None  # text ce, text tokens, visual ce, visual tokens since the last record
 
     @staticmethod
@@ -53,11 +54,18 @@ class MultimodalTask:
     def loss(self, model: MultimodalDecoder, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y, kinds = batch
         ce = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        w = self.weights.to(ce.device)[kinds]
+        w = self._weights_on(ce.device)[kinds]
         with torch.no_grad():
             parts = self._parts(ce.detach(), kinds)
             self._sums = parts if self._sums is None else self._sums + parts
         return (ce * w).sum() / w.sum().clamp_min(1e-8)
+
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        # a CPU tensor would be copied to the GPU every micro-batch, a blocking copy from pageable memory
+        w = self._weights.get(device)
+        if w is None:
+            w = self._weights[device] = self.weights.to(device)
+        return w
 
     def train_metrics(self) -> dict[str, float]:
         if self._sums is None:

@@ -176,6 +176,9 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # CUDA autocast runs rms_norm in fp32, so q and k leave QK-norm fp32 while v is bf16: SDPA
+        # would cast back, FlexAttention refuses mixed dtypes (or picks fp32 kernels)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if mask is not None:
             return self._out(x, _masked_attention(q, k, v, mask))
         start = cache.pos if cache is not None else 0

@@ -2,9 +2,13 @@
 
 - The router runs in fp32 (bf16 logits pick different experts for near ties and drift).
 - Dropless by default: every token reaches its k experts. The experts run as one grouped matmul
-  (`torch._grouped_mm`: fp32 on the CPU, bf16 on the GPU) over tokens sorted by expert; where it
-  is missing a loop over experts gives the same result. `capacity_factor > 0` drops the
+  (`torch._grouped_mm`: fp32 or bf16 on the CPU, bf16 on CUDA from SM90) over tokens sorted by
+  expert; elsewhere a loop over experts gives the same result. `capacity_factor > 0` drops the
   assignments beyond ceil(factor x N k / E) per expert, in token order, instead.
+- No host sync and one static-shaped graph on the grouped path (what torch.compile and a queued
+  GPU need): counts by `scatter_add_`, and the sorted tokens go to a buffer of fixed size in which
+  each expert's rows start at a multiple of ALIGN (as torchtitan pads them), zero rows between.
+  The loop reads the group sizes on the host: one sync per layer and micro-batch.
 - Load balancing, any combination: the Switch auxiliary loss E * sum_e f_e P_e (`aux_weight`,
   minimal for a uniform router), the auxiliary-loss-free bias (`bias_rate`: a per-expert bias
   added to the scores only to choose experts, moved by rate x sign(mean load - load) after each
@@ -17,6 +21,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +31,64 @@ from . import distributed
 from .muon import STACKED
 
 
+ALIGN = 16  # each expert's rows start at a multiple of this, as torchtitan pads bf16 groups for _grouped_mm
+N_FIGURES = 5  # after the counts in the statistics row: dropped, entropy, switch, z, forward passes
+
+
 def _stacked(*shape: int) -> nn.Parameter:
     p = nn.Parameter(torch.empty(*shape))
     setattr(p, STACKED, True)
     return p
+
+
+def grouped_supported(device: torch.device) -> bool:
+    """Whether torch._grouped_mm runs on `device`: the CPU, and CUDA from Hopper (SM90) on. Asked
+    when the module is built or moved, never inside the forward, which torch.compile traces."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu"
+
+
+def buffer_rows(assignments: int, n_experts: int) -> int:
+    """Rows of the expert buffer: every assignment, up to ALIGN padding rows per expert, and one row
+    always left zero (what a dropped assignment reads); a multiple of ALIGN. It depends on the
+    shapes only, so the graph is static."""
+    need = assignments + n_experts * ALIGN + 1
+    return -(-need // ALIGN) * ALIGN
+
+
+class Routing(NamedTuple):
+    row: torch.Tensor  # [N k] buffer row of each assignment (the zero last row if dropped)
+    src: torch.Tensor  # [rows] token of each buffer row, N for a zero row
+    ends: torch.Tensor  # [E] int32 group ends; the last expert also takes the zero rows after the
+    # others, so that no output row is left unwritten (_grouped_mm leaves rows past the end empty)
+    counts: torch.Tensor  # [E] assignments per expert
+    kept: torch.Tensor  # [E] of them kept: at most the capacity, the first in token order
+    keep: torch.Tensor | None  # [N k] whether each assignment is kept; None when dropless
+
+
+def route(flat_e: torch.Tensor, n_experts: int, k: int, cap: int | None) -> Routing:
+    """Places the assignments (flat_e [N k], the expert of each) in the expert buffer, on the device."""
+    a, dev = flat_e.numel(), flat_e.device
+    rows, blank = buffer_rows(a, n_experts), a // k  # blank: the zero row after the N tokens
+    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat_e, torch.ones_like(flat_e))
+    order = flat_e.argsort(stable=True)  # assignments grouped by expert, in token order within each
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(a, device=dev))
+    slot = place - (counts.cumsum(0) - counts)[flat_e]  # position within its expert
+    kept = counts if cap is None else counts.clamp(max=cap)
+    # no empty group either (as torchtitan): some grouped kernels mishandle zero-size groups
+    padded = ((kept + ALIGN - 1) // ALIGN).clamp(min=1) * ALIGN
+    row = (padded.cumsum(0) - padded)[flat_e] + slot
+    token = torch.arange(a, device=dev) // k
+    keep = None if cap is None else slot < cap
+    if keep is not None:  # a dropped assignment reads the last row, which every write keeps zero
+        row, token = torch.where(keep, row, rows - 1), torch.where(keep, token, blank)
+    src = torch.full((rows,), blank, dtype=torch.long, device=dev).scatter_(0, row, token)
+    ends = padded.cumsum(0)
+    ends[-1] = rows
+    return Routing(row, src, ends.to(torch.int32), counts, kept, keep)
 
 
 class MoE(nn.Module):
@@ -49,9 +108,17 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts))  # used only to choose experts
         self.register_buffer("load", torch.zeros(n_experts))  # training assignments since the last bias update
         self.aux_loss = torch.zeros(())
-        self._stats: torch.Tensor | None = None  # summed on the device, read at logging points
+        # summed on the device, read and zeroed at logging points; always a tensor so that a compiled
+        # forward is traced once, and not saved, so checkpoints are unchanged
+        self.register_buffer("_stats", torch.zeros(n_experts + N_FIGURES), persistent=False)
+        self.grouped = grouped_supported(self.up.device)
         for p in self.expert_weights():
             nn.init.normal_(p, std=0.02)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.grouped = grouped_supported(self.up.device)  # moved: ask the new device, outside any trace
+        return out
 
     # ------------------------------------------------------------------ experts
     def expert_weights(self) -> list[nn.Parameter]:
@@ -63,18 +130,20 @@ class MoE(nn.Module):
         h = F.silu(mm(x, self.gate)) * h if self.gated else F.relu(h).square()
         return mm(h, self.down)
 
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Expert MLPs over rows xs [M, D] sorted by expert, `counts` [E] rows each."""
-        grouped = hasattr(torch, "_grouped_mm") and (not xs.is_cuda or torch.cuda.get_device_capability(xs.device) >= (9, 0))
-        dtype = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
-        if grouped and not (xs.is_cuda and dtype != torch.bfloat16):  # the CUDA kernel is bf16 only
-            offs = counts.cumsum(0).to(torch.int32)
-            return self._mlp(xs.to(dtype), lambda x, w: torch._grouped_mm(x, w.to(dtype).transpose(-2, -1), offs=offs))
+    def _experts(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Expert MLPs over the buffer xs [rows, D]: expert e takes rows ends[e-1]:ends[e]."""
+        device = xs.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+        # the CUDA kernel is bf16 only; the CPU one takes fp32 too, but only in eager (under
+        # torch.compile the shape function, like CUDA, accepts bf16 alone)
+        eager_cpu = not xs.is_cuda and not torch.compiler.is_compiling()
+        if self.grouped and (dtype == torch.bfloat16 or (eager_cpu and dtype == torch.float32)):
+            return self._mlp(xs.to(dtype), lambda x, w: torch._grouped_mm(x, w.to(dtype).transpose(-2, -1), offs=ends))
         out, start = [], 0
-        for e, n in enumerate(counts.tolist()):  # one host sync: the loop needs the sizes
-            out.append(self._mlp(xs[start:start + n], lambda x, w: x @ w[e].t()))
-            start += n
-        return torch.cat(out) if out else xs.new_zeros(0, xs.shape[1])
+        for e, end in enumerate(ends.tolist()):  # one host sync: the loop needs the sizes
+            out.append(self._mlp(xs[start:end], lambda x, w: x @ w[e].t()))
+            start = end
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,43 +158,37 @@ class MoE(nn.Module):
         gates = probs.gather(1, experts)
         if k > 1:
             gates = gates / gates.sum(-1, keepdim=True)
-        flat_e = experts.flatten()  # assignment a = token a // k
-        order = flat_e.argsort(stable=True)  # assignments grouped by expert, in token order within each
-        counts = torch.bincount(flat_e, minlength=e)
-        kept = counts
-        if self.capacity_factor > 0:
-            cap = math.ceil(self.capacity_factor * n * k / e)
-            starts = counts.cumsum(0) - counts
-            slot = torch.arange(n * k, device=flat.device) - starts[flat_e[order]]  # position within its expert
-            keep = slot < cap
-            order = order[keep]
-            kept = counts.clamp(max=cap)
-        token = order // k
-        ys = self._experts(flat[token], kept)
-        out = torch.zeros_like(flat).index_add_(0, token, (ys * gates.flatten()[order, None]).to(flat.dtype))
+        cap = math.ceil(self.capacity_factor * n * k / e) if self.capacity_factor > 0 else None
+        r = route(experts.flatten(), e, k, cap)
+        if r.keep is not None:
+            gates = torch.where(r.keep.view(n, k), gates, 0.0)  # a dropped assignment adds nothing
+        ys = self._experts(F.pad(flat, (0, 0, 0, 1))[r.src], r.ends)  # token N: the zero row
+        out = (ys[r.row].view(n, k, -1) * gates[..., None]).sum(1).to(flat.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)
 
-        frac = counts.float() / (n * k)
+        counts = r.counts.float()
+        frac = counts / (n * k)
         switch = e * (frac * probs.mean(0)).sum()
         z = torch.logsumexp(logits, -1).square().mean()
         self.aux_loss = self.aux_weight * switch + self.z_weight * z
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.load += counts.float()
+                self.load += counts
                 entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-                dropped = 1.0 - kept.sum().float() / (n * k)
-                row = torch.cat([counts.float(), torch.stack([dropped, entropy, switch.detach(), z.detach(),
-                                                              torch.ones((), device=flat.device)])])
-                self._stats = row if self._stats is None else self._stats + row
+                dropped = 1.0 - r.kept.sum().float() / (n * k)
+                calls = torch.ones((), device=flat.device)
+                figures = torch.stack([dropped, entropy, switch.detach(), z.detach(), calls])
+                self._stats += torch.cat([counts, figures])
         return out.view(shape)
 
     # ------------------------------------------------------------------ after each step, and logging
     @torch.no_grad()
     def update_bias(self) -> None:
         """The auxiliary-loss-free step: experts above the mean load lose bias, those below gain,
-        then the biases are re-centred. Every process uses the load summed over all of them."""
-        if self.bias_rate > 0 and self.load.sum() > 0:
+        then the biases are re-centred. Every process uses the load summed over all of them. No
+        test of the load on the host (a sync per step): a zero load moves no bias anyway."""
+        if self.bias_rate > 0:
             load = distributed.sum_across(self.load)
             self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
             self.expert_bias -= self.expert_bias.mean()
@@ -134,11 +197,11 @@ class MoE(nn.Module):
     def pop_stats(self) -> dict[str, float | list[int]]:
         """Figures since the last call (one host sync): tokens per expert, max/mean load, dropped
         fraction, router entropy, the Switch auxiliary and z losses (means over forward passes)."""
-        if self._stats is None:
-            return {}
         s = self._stats.tolist()
-        self._stats = None
+        self._stats.zero_()
         counts, (dropped, entropy, switch, z, calls) = s[:self.n_experts], s[self.n_experts:]
+        if not calls:  # no training forward pass since the last call
+            return {}
         mean = sum(counts) / self.n_experts
         return {"tokens_per_expert": [int(c) for c in counts], "max_over_mean_load": max(counts) / mean if mean else 0.0,
                 "dropped": dropped / calls, "router_entropy": entropy / calls, "aux_switch": switch / calls,

@@ -94,7 +94,9 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, **split_kwargs) -> list
     muon_params, adam_params = split_params(model, conv=cfg.muon_conv, **split_kwargs)
     if cfg.matrix_optimizer == "adamw":
         muon_params, adam_params = [], muon_params + adam_params
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    # fused kernels on every device: the single-tensor and foreach paths read each parameter's step
+    # count on the host (one sync per parameter per step); the fused ones keep it on the device
+    fused = {"fused": True}
     opts: list[torch.optim.Optimizer] = []
     if muon_params:
         opts.append(Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,

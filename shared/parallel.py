@@ -59,7 +59,13 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    """DDP without its buffer broadcast: by default it copies rank 0's buffers to every rank
+    before each forward (a collective per step), which re-sends constant tables (RoPE) and
+    overwrites state that each rank keeps on purpose (MoE load counts, summed across ranks when
+    the balancing bias moves). Buffers that must agree are synchronised by their owners (the VQ
+    codebook from every rank's vectors); BatchNorm statistics are rank 0's, as before, since
+    only rank 0 evaluates and saves."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 @contextlib.contextmanager

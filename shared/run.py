@@ -173,8 +173,8 @@ def report(summary: dict, run_dir: Path, lines: list[tuple[str, str]]) -> None:
     """Print the task's final numbers, then time, throughput and where the summary is."""
     unit = summary["unit"]
     time_line = f"{summary['train_time_s']:.1f} s"
-    if summary["compile"]:
-        time_line += f" (+{summary['compile_warmup_s']:.1f} s compile warm-up)"
+    if summary["compile_warmup_s"]:
+        time_line += f" (+{summary['compile_warmup_s']:.1f} s {'compile ' if summary['compile'] else ''}warm-up)"
     rate = summary[f"{unit}_per_s"]
     lines = lines + [("training time", time_line), (f"{unit}/s", f"{rate:,.0f}" if rate else "n/a"),
                      (f"{unit} seen", f"{summary[unit]:,}"), ("summary", str(run_dir / "summary.json"))]

@@ -18,6 +18,17 @@ TINY_LLM = ["data.builtin_docs=300", "data.tokenizer=\"bpe:400\"", "data.seq_len
             "train.eval_every=0", "train.ckpt_every=0", "sample.max_new_tokens=4"]
 
 
+def pytest_configure(config):
+    """CPU tests run on the CPU whatever the machine has (their bit-exact checks assume the CPU's
+    deterministic kernels, and two-process tests one device per process): the GPU is hidden from
+    this process and the scripts it starts, unless the run selects the `gpu` tests (pytest -m gpu)."""
+    markexpr = config.option.markexpr or ""
+    if "gpu" not in markexpr or "not gpu" in markexpr:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    else:  # cuBLAS reads it when its first handle is made: the exact-resume GPU test runs deterministic kernels
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def _data_dir() -> Path | None:
     env = os.environ.get("BLUEBERRY_DATA_DIR")
     candidate = Path(env).resolve() if env else ROOT.parent / "shared" / "data"  # scripts run in tmp dirs

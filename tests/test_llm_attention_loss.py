@@ -1,5 +1,6 @@
 """Document masking and the chunked output-layer loss: exact, causal, and what the model trains with."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +42,70 @@ def test_loss_chunks_give_the_same_value_and_gradients():
     assert torch.allclose(h.grad, 2 * gh, atol=1e-6) and torch.allclose(w.grad, 2 * gw, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(linear_cross_entropy(h, w, y, 64), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_compiled_loss_chunks_match_the_full_logits_and_compile_once(softcap, monkeypatch):
+    """The CUDA path (the per-chunk body under torch.compile), run by CPU inductor: the same value
+    and gradients as the full fp32 logits, and no recompile for a second call or another length
+    of the short last chunk."""
+    torch._dynamo.reset()  # this test's graphs only, within the recompile limit
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(500, 32, generator=g)).requires_grad_()
+    y = torch.randint(0, 500, (300,), generator=g)
+
+    def full(h, w, y):
+        logits = h @ w.t()
+        return F.cross_entropy(softcap * torch.tanh(logits / softcap) if softcap else logits, y)
+
+    def check(n):  # n tokens in chunks of 128: the last chunk is short
+        ref = full(h[:n], w, y[:n])
+        gh, gw = torch.autograd.grad(ref, (h, w))
+        out = linear_cross_entropy(h[:n], w, y[:n], chunk=128, softcap=softcap, compile=True)
+        oh, ow = torch.autograd.grad(2 * out, (h, w))
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(oh, 2 * gh, atol=1e-6) and torch.allclose(ow, 2 * gw, atol=1e-6)
+        with torch.no_grad():
+            assert torch.allclose(linear_cross_entropy(h[:n], w, y[:n], 128, softcap, compile=True), ref, atol=1e-5)
+
+    check(300)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    check(300)
+    check(290)
+
+
+def test_loss_under_autocast_casts_once_and_returns_gradients_in_the_inputs_dtype():
+    """bf16 autocast (what a GPU trains with): matmuls in bf16, fp32 gradients for fp32 h and
+    weight, eager and compiled alike, close to the full logits under the same autocast."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(100, 32, generator=g)).requires_grad_()
+    y = torch.randint(0, 100, (200,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), y)
+        eager = linear_cross_entropy(h, w, y, chunk=64)
+        compiled = linear_cross_entropy(h, w, y, chunk=64, compile=True)
+    grads = [torch.autograd.grad(loss, (h, w)) for loss in (ref, eager, compiled)]
+    assert all(gh.dtype == gw.dtype == torch.float32 for gh, gw in grads)
+    assert torch.allclose(eager, ref, atol=1e-4) and torch.allclose(compiled, eager, atol=1e-5)
+    for gh, gw in grads[1:]:  # bf16 matmuls on both sides: agreement to bf16's precision
+        assert torch.allclose(gh, grads[0][0], rtol=2e-2, atol=2e-4)
+        assert torch.allclose(gw, grads[0][1], rtol=2e-2, atol=2e-4)
+
+
+def test_loss_without_grad_mode_computes_no_gradients(monkeypatch):
+    """Evaluation runs under torch.no_grad, where autograd still marks the inputs as needing
+    gradients: the chunks must not pay for them."""
+    import shared.losses as losses
+    asked = []
+    chunk = losses._chunk
+    monkeypatch.setattr(losses, "_chunk", lambda *a: (asked.append(a[-1]), chunk(*a))[1])
+    h, w = torch.randn(30, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    y = torch.randint(0, 20, (30,))
+    with torch.no_grad():
+        value = linear_cross_entropy(h, w, y, chunk=16)
+    assert asked == [False, False] and torch.allclose(value, F.cross_entropy(h @ w.t(), y), atol=1e-5)
 
 
 def test_model_loss_is_the_same_chunked_or_not_and_trains():

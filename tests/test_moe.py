@@ -1,20 +1,29 @@
-"""Mixture of experts: routing, the dense limit, balancing, Muon per expert, exact resume."""
+"""Mixture of experts: routing, the dense limit, balancing, Muon per expert, exact resume, and the
+GPU promises: no host sync, one graph compiled once, grouped matmul equal to the loop."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from conftest import run_script
+from llm.data import PackedBatches
 from llm.model import Decoder, DecoderConfig, active_params
+from llm.task import LanguageModelTask
 from shared.blocks import MLPS
 from shared.errors import ConfigError
-from shared.moe import MoE
+from shared.moe import ALIGN, MoE
 from shared.muon import Muon
+from shared.optim import OptimConfig
+from shared.syncs import SyncCounter
+from shared.trainer import TrainConfig, Trainer
 
 
 def moe(mlp="relu2", e=4, k=2, **kw) -> MoE:
@@ -166,3 +175,137 @@ def test_shared_expert_adds_a_dense_path_every_token_takes():
     routed, both = moe(), moe(shared_mlp=dense)
     x = torch.randn(2, 5, 16)
     assert torch.allclose(both(x), routed(x) + dense(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the GPU promises, held on the CPU
+def odd_moe(capacity_factor=0.0) -> tuple[MoE, torch.Tensor]:
+    """37 tokens over 5 experts, top-2: group sizes that are odd and not multiples of ALIGN."""
+    torch.manual_seed(0)
+    m = MoE(16, 24, 5, 2, mlp="swiglu", capacity_factor=capacity_factor)
+    torch.nn.init.normal_(m.router.weight, std=0.5)
+    return m, torch.randn(37, 16)
+
+
+def reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert over every token, weighted by its gate (zero where not chosen or dropped)."""
+    probs = F.linear(x.float(), m.router.weight.float()).softmax(-1)
+    top = probs.topk(m.top_k, -1)
+    gates = top.values / top.values.sum(-1, keepdim=True)
+    if m.capacity_factor > 0:  # each expert keeps its first `cap` assignments in token order
+        flat_e = top.indices.flatten()
+        slot = (F.one_hot(flat_e, m.n_experts).cumsum(0) - 1).gather(1, flat_e[:, None]).view_as(gates)
+        gates = gates * (slot < math.ceil(m.capacity_factor * x.shape[0] * m.top_k / m.n_experts))
+    weight = torch.zeros_like(probs).scatter(1, top.indices, gates)
+    return sum(weight[:, e, None] * expert(m, e, x) for e in range(m.n_experts))
+
+
+def forward_backward(m: MoE, x: torch.Tensor, grouped: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    m.grouped = grouped
+    m.zero_grad()
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = m(x)
+    out.float().mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return {"out": out.float(), "x": x.grad, "router": m.router.weight.grad,
+            **{name: p.grad for name, p in (("up", m.up), ("gate", m.gate), ("down", m.down))}}
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return bool((a - b).norm() <= tol * b.norm())
+
+
+def grouped_bf16_on_cpu() -> bool:
+    try:
+        w = torch.zeros(2, 16, 16, dtype=torch.bfloat16)
+        torch._grouped_mm(torch.zeros(32, 16, dtype=torch.bfloat16), w, offs=torch.tensor([16, 32], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matmul_equals_the_loop_forward_and_backward(dtype, capacity_factor):
+    if dtype == torch.bfloat16 and not grouped_bf16_on_cpu():
+        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
+    m, x = odd_moe(capacity_factor)
+    grouped = forward_backward(m, x, True, dtype)
+    counts = m.pop_stats()["tokens_per_expert"]
+    loop = forward_backward(m, x, False, dtype)
+    assert any(c % 2 for c in counts) and any(c % ALIGN for c in counts), counts
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the kernels round in their own order
+    for name, want in loop.items():
+        assert close(grouped[name], want, tol), name
+    if dtype == torch.float32:  # both against every expert over every token
+        assert torch.allclose(grouped["out"], reference(m, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_an_expert_without_tokens_gets_no_gradient(grouped):
+    m, x = odd_moe()
+    m.bias_rate = 1.0
+    m.expert_bias[2] = -10.0  # never chosen: its group is padding alone
+    grads = forward_backward(m, x, grouped, torch.float32)
+    assert m.pop_stats()["tokens_per_expert"][2] == 0
+    assert all(grads[name][2].abs().max() == 0 for name in ("up", "gate", "down"))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_forward_and_backward_never_wait_for_the_host(capacity_factor):
+    m, x = odd_moe(capacity_factor)
+    with SyncCounter() as c:
+        m(x.requires_grad_()).square().sum().backward()
+    assert c.total == 0, dict(c.counts)
+    m.grouped = False  # the loop reads its group sizes: its one sync
+    with SyncCounter() as c:
+        m(x).square().sum().backward()
+    assert c.total == 1, dict(c.counts)
+
+
+def test_moe_decoder_training_step_issues_no_host_sync(tmp_path):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=64, vocab_size=64, moe_experts=4)
+    tokens = np.tile(np.arange(50, dtype=np.uint16), 200)
+    train = TrainConfig(budget=10_000, batch_size=4, grad_accum=2, log_every=100)
+    trainer = Trainer(Decoder(cfg, 32), LanguageModelTask(torch.zeros(2, 33, dtype=torch.long), None),
+                      PackedBatches(tokens, 32, 4, seed=0), train, OptimConfig(), tmp_path, quiet=True)
+    trainer.train_step()  # the first step builds the optimiser state
+    with SyncCounter() as c:
+        trainer.train_step()
+    assert c.total == 0, dict(c.counts)
+    stats = trainer.task.train_metrics()  # the one sync, at a logging point
+    assert sum(stats["moe/layer1/tokens_per_expert"]) == 2 * 2 * 4 * 32 * 2  # steps x micro-batches x tokens x top-2
+    assert trainer.task.train_metrics() == {}  # nothing since
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_forward_is_one_graph(capacity_factor):
+    if not grouped_bf16_on_cpu():
+        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
+    m, x = odd_moe(capacity_factor)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(m)(x.requires_grad_())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_compiled_training_compiles_once(monkeypatch):
+    if not grouped_bf16_on_cpu():
+        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
+    m, x = odd_moe()
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(m, backend="aot_eager")
+    for step in range(3):
+        for micro in range(2):  # gradient accumulation: the statistics add up between logging points
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = compiled((x + step + micro).requires_grad_())
+            out.float().square().sum().backward()
+        assert sum(m.pop_stats()["tokens_per_expert"]) == 2 * 37 * 2  # read and zeroed between the steps
+    assert counters["stats"]["unique_graphs"] == 1  # (a graph break's resumed half escapes error_on_recompile)
+    m.eval()
+    with torch.no_grad():
+        m(x)  # evaluation in eager: nothing counted
+    assert m.pop_stats() == {} and "_stats" not in m.state_dict()
+    torch._dynamo.reset()

@@ -10,7 +10,8 @@ Design, chosen so that one optimiser step and one checkpoint cover everything:
   weights), and the generator's term runs the discriminator with detached weights
   (`torch.func.functional_call`), so that term reaches only the autoencoder.
 - The number of optimiser steps taken is a buffer of the discriminator (`steps`, counted by
-  VQVAE.after_optimizer_step), so "start after N steps" survives a resume too.
+  VQVAE.after_optimizer_step), so "start after N steps" survives a resume too. Its value is also
+  kept in Python (`steps_taken`), which the loss reads without waiting for the device.
 Known compromises: the discriminator shares the run's optimisers and learning rate (Muon for its
 filters under optim.muon_conv) and the global gradient clip.
 """
@@ -39,6 +40,12 @@ class PatchDiscriminator(nn.Module):
         mods.append(nn.Conv2d(c, 1, 3, padding=1))
         self.net = nn.Sequential(*mods)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimiser steps of the run so far
+        self.steps_taken = 0  # the same on the host, kept in step by count_step and by loading a state dict
+        self.register_load_state_dict_post_hook(_read_steps)
+
+    def count_step(self) -> None:
+        self.steps += 1
+        self.steps_taken += 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -47,6 +54,10 @@ class PatchDiscriminator(nn.Module):
         """The same logits with the weights detached: gradients reach the images only."""
         params = {n: p.detach() for n, p in self.named_parameters()}
         return functional_call(self, {**params, **dict(self.named_buffers())}, (images,))
+
+
+def _read_steps(module: PatchDiscriminator, incompatible_keys) -> None:
+    module.steps_taken = int(module.steps)  # one sync per load, never per step
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -133,12 +133,18 @@ class VQVAE(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after each optimiser step: counts the steps the discriminator's start waits for."""
         if self.discriminator is not None:
-            self.discriminator.steps += 1
+            self.discriminator.count_step()
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         side = self.cfg.image_size // self.cfg.downsample
         return side, side
+
+    @torch.no_grad()
+    def initialise_codebook(self, images: torch.Tensor) -> None:
+        """Before the first training step, in eager mode: k-means on these images' encodings."""
+        if not self.quantizer.ready:
+            self.quantizer.initialise_from(self.encoder(images))
 
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
         quant = self.quantizer(self.encoder(images))

@@ -18,6 +18,11 @@ Everything that changes during training (codebook, EMA statistics, the initialis
 buffer, so checkpoints save it and resume restores it exactly. The statistics are updated only
 in training mode, inside forward, from every process's vectors when several train together (and
 random draws are rank 0's), so the codebook stays the same on all of them.
+
+A training forward makes no host synchronisation once the codebook is initialised (the trainer
+reads the device only at logging points): the initialised flag is also kept in Python, counts
+are scattered rather than `bincount`ed, and dead codes are replaced with static shapes (a
+candidate drawn for every code, kept where the code is dead) instead of indexing by `nonzero`.
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(codebook_size))  # EMA of assignments per batch
         self.register_buffer("embed_sum", torch.zeros(codebook_size, dim))  # EMA of assigned vectors' sum
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # the buffer's value on the host, so a step need not read the device to know it: set by
+        # _initialise and by loading a state dict (checkpoints hold the buffer)
+        self._initialized = False
+        self.register_load_state_dict_post_hook(_read_initialized)
+        self.replaced: torch.Tensor | None = None  # codes the last training forward replaced (on the device)
 
     def codebook(self) -> torch.Tensor:
         e = self.embedding.float()
@@ -104,13 +114,35 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_(counts)
         self.embed_sum.copy_(centroids * counts[:, None])
         self.initialized.fill_(True)
+        self._initialized = True
         distributed.broadcast_(self.embedding.data, self.cluster_size, self.embed_sum)  # rank 0's random start
+
+    @property
+    def ready(self) -> bool:
+        """Whether the codebook is initialised, as the host knows it (no read of the device)."""
+        return self._initialized
+
+    @torch.no_grad()
+    def initialise_from(self, z: torch.Tensor) -> None:
+        """The codebook from encoder outputs z [B, D, H, W] (every process's), unless it is set.
+        Called eagerly before the first training forward (vqvae/task.py), so that a compiled
+        forward is traced once, with the codebook initialised, and never recompiles for it."""
+        if not self._initialized:
+            with torch.autocast(z.device.type, enabled=False):
+                flat = self._prepare(z.float()).permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                self._initialise_once(distributed.gather_rows(flat))
+
+    def _initialise_once(self, seen: torch.Tensor) -> None:
+        if not bool(self.initialized):  # a sync, but only until the codebook is initialised
+            self._initialise(seen)
+        self._initialized = True  # or the buffer was set directly, not through a state dict
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        # counts and sums by index, without a one-hot [N, K] matrix (N = 16k vectors x 1k codes = 64 MB per batch)
-        counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
-        sums = torch.zeros(self.codebook_size, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, indices, flat)
+        # counts and sums by index, without a one-hot [N, K] matrix (N = 16k vectors x 1k codes = 64 MB per
+        # batch); index_add_ rather than bincount, which reads the largest index on the host
+        counts = flat.new_zeros(self.codebook_size).index_add_(0, indices, flat.new_ones(len(indices)))
+        sums = flat.new_zeros(self.codebook_size, flat.shape[1]).index_add_(0, indices, flat)
         self.cluster_size.lerp_(counts, 1 - self.decay)
         if self.update == "ema":
             self.embed_sum.lerp_(sums, 1 - self.decay)
@@ -122,27 +154,35 @@ class VectorQuantizer(nn.Module):
                 self.embedding.data.copy_(F.normalize(self.embedding.data, dim=1))
 
     @torch.no_grad()
-    def _replace_dead(self, flat: torch.Tensor) -> int:
-        dead = (self.cluster_size < self.dead_threshold).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return 0
-        n = flat.shape[0]
-        if self.reseed == "farthest" and n >= dead.numel():
-            # squared distance of each vector to its nearest live code (this step's updated codebook)
-            e = self.codebook()[self.cluster_size >= self.dead_threshold]
-            gap = ((flat * flat).sum(1, keepdim=True) + ((e * e).sum(1)[None, :] - 2 * flat @ e.t())).min(1).values \
-                if len(e) else torch.rand(n, device=flat.device)
-            pick = gap.topk(dead.numel()).indices
-        else:
-            pick = torch.randperm(n, device=flat.device)[:dead.numel()] if n >= dead.numel() else \
-                torch.randint(0, n, (dead.numel(),), device=flat.device)
+    def _replace_dead(self, flat: torch.Tensor) -> torch.Tensor:
+        """Move every dead code onto a vector of this batch; returns how many moved (a device tensor).
+
+        Static shapes, so nothing waits for the host: a candidate vector is drawn for every code
+        (distinct random ones, or the farthest from every live code, farthest first), the i-th dead
+        code takes the i-th candidate, and torch.where keeps the live codes as they are."""
+        k, n = self.codebook_size, flat.shape[0]
+        if self.dead_threshold <= 0:  # cluster sizes never fall below zero: no code can die
+            return flat.new_zeros((), dtype=torch.long)
+        dead = self.cluster_size < self.dead_threshold
+        score = torch.rand(n, device=flat.device)  # random keys: the top k are k distinct vectors in random order
+        if self.reseed == "farthest":
+            # squared distance of each vector to its nearest live code (this step's updated codebook);
+            # with no live code at all, the random keys
+            e = self.codebook()
+            dist = (flat * flat).sum(1, keepdim=True) + ((e * e).sum(1)[None, :] - 2 * flat @ e.t())
+            gap = dist.masked_fill(dead[None, :], float("inf")).min(1).values
+            score = torch.where(dead.all(), score, gap)
+        candidates = score.topk(min(n, k)).indices
+        # with fewer vectors than dead codes the candidates repeat, as draws with replacement would
+        rank = (dead.long().cumsum(0) - 1).clamp_min(0)
+        pick = candidates[rank % len(candidates)]
         distributed.broadcast_(pick)  # rank 0's draw: the codebook stays one codebook across processes
         new = flat[pick]
-        self.embedding.data[dead] = new.to(self.embedding.dtype)
+        self.embedding.data.copy_(torch.where(dead[:, None], new.to(self.embedding.dtype), self.embedding.data))
         # start each new code as if used at the threshold rate, so it has a chance to be picked
-        self.cluster_size[dead] = self.dead_threshold
-        self.embed_sum[dead] = new * self.dead_threshold
-        return int(dead.numel())
+        self.cluster_size.masked_fill_(dead, self.dead_threshold)
+        self.embed_sum.copy_(torch.where(dead[:, None], new * self.dead_threshold, self.embed_sum))
+        return dead.sum()
 
     # ---------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -152,8 +192,8 @@ class VectorQuantizer(nn.Module):
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)
             if self.training:  # statistics over every process's vectors, so all keep the same codebook
                 seen = distributed.gather_rows(flat.detach())
-            if self.training and not bool(self.initialized):
-                self._initialise(seen)
+            if self.training and not self._initialized:
+                self._initialise_once(seen)
             with torch.no_grad():
                 indices = self.lookup(flat)
             q = self.embed(indices)  # the codebook before this step's update, as the loss sees it
@@ -166,9 +206,14 @@ class VectorQuantizer(nn.Module):
             else:
                 out = flat + (q - flat).detach()
             if self.training:
-                self._replace_dead(seen)  # after the lookup, so this batch's indices stay valid
+                self.replaced = self._replace_dead(seen)  # after the lookup, so this batch's indices stay valid
         quantized = out.reshape(b, h, w, d).permute(0, 3, 1, 2)
         return QuantizerOutput(quantized, indices.reshape(b, h, w), commitment, codebook)
+
+
+def _read_initialized(module: VectorQuantizer, incompatible_keys) -> None:
+    """After load_state_dict: the Python flag follows the loaded buffer (one sync per load)."""
+    module._initialized = bool(module.initialized)
 
 
 def rotate_to(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

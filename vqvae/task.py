@@ -153,19 +153,21 @@ class VQVAETask:
 
     def loss(self, model: VQVAE, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, _ = batch
-        out = model(images)
         core = getattr(model, "module", model)  # DDP
         core = getattr(core, "_orig_mod", core)  # torch.compile
+        if core.training:
+            core.initialise_codebook(images)  # eagerly, once: a compiled forward then never sees it uninitialised
+        out = model(images)
         loss = vq_loss(out, images, self.loss_cfg, core.cfg.codebook_update == "loss")
         disc = core.discriminator
-        if disc is None or int(disc.steps) < self.gan.start:  # one host sync per step, GAN runs only
+        if disc is None or disc.steps_taken < self.gan.start:  # the step count as the host keeps it: no sync
             return loss
         recon = out.reconstruction.float()
         # the discriminator learns from detached reconstructions: its loss reaches only its weights
         d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
         # the generator's term sees the discriminator's weights detached: it reaches only the autoencoder
         g_loss = -disc.frozen(recon).mean()
-        weight = torch.tensor(self.gan.weight, device=loss.device)
+        weight = loss.new_full((), self.gan.weight)  # filled on the device: torch.tensor would copy from the host
         if self.gan.adaptive:
             weight = weight * adaptive_weight(loss, g_loss, core.decoder.net[-1].weight)
         self._gan_stats.append(torch.stack([d_loss.detach(), g_loss.detach(), weight]))

@@ -3,12 +3,18 @@
 #   prepare DATA_DIR   here: copy the offline text and the GPT-2 tokenizer into .gpu/llm (17 MB)
 #   throughput         device: blueberry-88m and -151m training tokens/s, MFU and peak memory, with
 #                      and without compile; with the full fp32 logits (--loss_chunk 0) for the
-#                      memory comparison; with document masking (FlexAttention)        (~6 min)
+#                      memory comparison; with document masking (FlexAttention); the loss
+#                      alone (--loss_report: kernels and memory per chunk)              (~7 min)
 #   speedrun [RUNS]    device: the 8M-token speedrun of blueberry-88m on the offline text with the
 #                      GPT-2 tokenizer (the Hub's SmolLM2 tokenizer and Cosmopedia are unreachable
 #                      there), RUNS seeds (default 2), as a record                     (~2 min a run)
 #   overhead           device: issue 12's world-size-1 cost of the distributed path: blueberry-88m
 #                      compiled, plain python vs torchrun --nproc_per_node 1 with DDP and FSDP2 (~3 min)
+#   window1            device, one command of at most 9 minutes (the GPU-measurements issue, run 1):
+#                      the GPU smoke test (pytest -m gpu), blueberry-88m compiled throughput with the
+#                      chunked loss and with the full logits, the loss report, then 8M-token
+#                      speedruns of blueberry-88m on the offline text in the time left. Carry
+#                      [".gpu/llm"]; 8 files at most come back, all under $OUT
 #   moe [RUNS]         device: issue 13's moe-24gb against blueberry-88m at 20M tokens on the offline
 #                      text, RUNS seeds each (default 2), compared by the speedrun harness (~4 min a pair)
 # Carry [".gpu/llm"] in the speedrun call. Results go to $OUT (or .gpu/out elsewhere).
@@ -42,6 +48,9 @@ throughput)
         >"$OUT/throughput-full-logits.json" || echo "full-logits benchmark failed (out of memory?)"
     $PY benchmarks/llm_throughput.py --preset "${THROUGHPUT_PRESETS%% *}" --compile --doc_mask --steps 10 --warmup 3 \
         >"$OUT/throughput-doc-mask.json" || echo "document-mask benchmark failed"
+    # the output layer + loss alone: old eager chunks, the compiled chunk body, the compiled full logits
+    $PY benchmarks/llm_throughput.py --preset "${THROUGHPUT_PRESETS%% *}" --loss_report ${LOSS_REPORT_ARGS:---loss_chunk 4096} \
+        >"$OUT/loss-report.json" || echo "loss report failed"
     grep -h '"preset"\|tokens_per_s\|"mfu"\|peak_' "$OUT"/throughput-*.json
     ;;
 overhead)
@@ -73,6 +82,39 @@ moe)
     $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label moe-offline-gpt2 \
         --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" $moe ${SPEEDRUN_OVERRIDES:-}
     ;;
+window1)
+    [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
+    limit=${WINDOW_S:-530}  # seconds this command may take; each part is cut off so the rest still runs
+    left() { echo $((limit - SECONDS)); }
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 || true
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >>"$OUT/gpu.txt" 2>&1 || true
+    # 1. the smoke test; its figures (peak memory, compile time, syncs) as JSON
+    BLUEBERRY_GPU_REPORT="$OUT/gpu-tests.json" timeout "${SMOKE_S:-200}" $PY -m pytest -m gpu -q -p no:cacheprovider -rA \
+        tests/ >"$OUT/gpu-tests.log" 2>&1 || echo "smoke test: failures or time-out (see gpu-tests.log)"
+    tail -3 "$OUT/gpu-tests.log"
+    # 2. throughput and MFU, the chunked loss (the default) and the full logits; the loss alone
+    p=${THROUGHPUT_PRESETS:-blueberry-88m}; p=${p%% *}
+    for args in "--compile" "--compile --loss_chunk 0"; do
+        [ "$(left)" -gt 200 ] || break
+        timeout 110 $PY benchmarks/llm_throughput.py --preset "$p" $args --steps ${STEPS:-15} --warmup 3 \
+            >>"$OUT/throughput.jsonl" 2>>"$OUT/window.log" || echo "throughput $args failed" | tee -a "$OUT/window.log"
+    done
+    [ "$(left)" -gt 180 ] && { timeout 60 $PY benchmarks/llm_throughput.py --preset "$p" --loss_report ${LOSS_REPORT_ARGS:-} \
+        >>"$OUT/throughput.jsonl" 2>>"$OUT/window.log" || echo "loss report failed" | tee -a "$OUT/window.log"; }
+    cat "$OUT/throughput.jsonl" 2>/dev/null | grep -o '"tokens_per_s": [0-9.]*\|"mfu": [0-9.]*\|"peak_memory_gib": [0-9.]*' || true
+    # 3. 8M-token speedruns, one record of the runs that fit (about 2 minutes a run, compile included)
+    export BLUEBERRY_CACHE="$G/cache"
+    runs=$(( ($(left) - 20) / ${RUN_S:-120} )); [ $runs -gt 2 ] && runs=2
+    if [ $runs -ge 1 ]; then
+        timeout $(( $(left) - 10 )) $PY scripts/speedrun.py --preset "${PRESET:-blueberry-88m}" --budget "${BUDGET:-8M}" \
+            --runs $runs --label offline-text-gpt2 --records_dir "$OUT/records" --runs_dir "$G/runs" \
+            data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2" ${SPEEDRUN_OVERRIDES:-} >>"$OUT/window.log" 2>&1 \
+            || echo "speedrun failed or cut off (see window.log)"
+        tail -12 "$OUT/window.log"
+    else
+        echo "no time left for a speedrun"
+    fi
+    ;;
 *)
-    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS]"; exit 2 ;;
+    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS] | window1"; exit 2 ;;
 esac
