@@ -18,6 +18,8 @@ from shared.errors import UserError
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.gpu_paths
+
 
 def test_attention_sees_one_dtype_when_qk_norm_comes_out_fp32(monkeypatch):
     """CUDA autocast runs rms_norm in fp32 (CPU autocast keeps bf16), so force that here: q and k

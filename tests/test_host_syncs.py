@@ -18,6 +18,8 @@ from shared.syncs import SyncCounter
 from shared.trainer import Trainer
 from trainers import MOE, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
 
+pytestmark = pytest.mark.gpu_paths
+
 STEPS = 2  # steps counted after the first
 
 
