@@ -18,6 +18,7 @@ from .sampling import SAMPLERS, TIME_GRIDS
 @dataclass
 class ImageDataConfig:
     source: str = "builtin"  # builtin | cifar10 | PATH of an image folder (see shared/images.py)
+    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
     hflip: bool = True  # random horizontal flips of training images
     eval_images: int = 1000  # held-out images (test split) for the evaluation loss
 

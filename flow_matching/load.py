@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from shared.checkpoint import load_weights, resolve_checkpoint
-from shared.config import from_dict, load_toml
 from shared.errors import UserError
 from shared.images import load_classes
-from shared.run import find_run_dir
+from shared.run import find_run_dir, load_run_config
 
 from .config import FlowMatchingRunConfig
 from .dit import DiT2D
+
 
 @dataclass
 class Loaded:
@@ -29,7 +29,7 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     """The model of a run folder or checkpoint; the EMA weights when asked and the run kept them."""
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
-    cfg = from_dict(FlowMatchingRunConfig, load_toml(run_dir / "config.toml"))
+    cfg = load_run_config(run_dir, FlowMatchingRunConfig, "flow_matching")
     classes = load_classes(run_dir, "scripts/train_flow_matching.py")
     model = DiT2D(cfg.model)
     ema = ema and cfg.train.ema_decay > 0

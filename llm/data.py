@@ -8,16 +8,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from shared.cache import cache_root
+from shared.cache import Stale, build_once, cache_root, check_folder
 from shared.epochs import EpochOrder
 from shared.errors import ConfigError, UserError
 
@@ -38,6 +37,7 @@ class TextDataConfig:
     val_tokens: int = 131_072  # validation documents are collected up to this many tokens; evaluation uses these
     max_tokens: int = 0  # training tokens to read (and train on) at most; 0 = the whole source
     text_field: str = "text"
+    skip_undecodable: bool = False  # leave out .txt/.jsonl files that are not UTF-8 text (with a note) instead of refusing them
     builtin_docs: int = 6000
     doc_mask: bool = False  # attention stays inside each document of a packed row
     cache_dir: str = ""  # "" = an automatic folder under $BLUEBERRY_CACHE (default .cache/blueberry)
@@ -69,12 +69,20 @@ class TokenCache:
     tokenizer: TextTokenizer
     description: str
     train_limit: int = 0  # a run reads the first this-many training tokens (0 = all): the same data whatever the cache holds
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # memory-mapped by prepare_data
+
+    def open(self, split: str) -> np.ndarray:
+        # the file may run past meta's count (a longer build of the same data replaced it): a prefix is the same data
+        n = self.meta[f"{split}_tokens"]
+        return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
 
     def tokens(self, split: str) -> np.ndarray:
-        n = self.meta[f"{split}_tokens"]  # the file may run past this after an interrupted build
+        tokens = self.arrays.get(split)
+        if tokens is None:
+            tokens = self.arrays[split] = self.open(split)
         if split == "train" and self.train_limit:
-            n = min(n, self.train_limit)
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
+            return tokens[:self.train_limit]
+        return tokens
 
 
 class _Writer:
@@ -113,13 +121,20 @@ def _build(tmp: Path, cfg: TextDataConfig, tok: TextTokenizer, need: int, log: C
     until val_tokens are collected, later ones are dropped (never trained on); training documents
     until `need` tokens (0 = all). Reading stops at the first document boundary where both are met."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     out = {s: _Writer(tmp / f"{s}.bin", tok, dtype) for s in ("train", "val")}
+    try:
+        return _stream(out, cfg, need, log)
+    finally:  # a failed build closes its files too (a long-lived process would keep them open)
+        for w in out.values():
+            w.f.close()
+
+
+def _stream(out: dict[str, _Writer], cfg: TextDataConfig, need: int, log: Callable) -> dict:
     val_target, skipped, chars, complete = cfg.val_tokens + 1, 0, 0, True
     side: _Writer | None = None
     last_log = time.monotonic()
-    for text, first, last in iter_pieces(cfg.source, cfg.text_field, cfg.builtin_docs):
+    for text, first, last in iter_pieces(cfg.source, cfg.text_field, cfg.builtin_docs, cfg.skip_undecodable, note=log):
         if first:
             if need and out["train"].tokens + out["train"].pending_chars // 2 >= need:
                 out["train"].flush()  # near the budget: count exactly
@@ -146,20 +161,91 @@ def _build(tmp: Path, cfg: TextDataConfig, tok: TextTokenizer, need: int, log: C
     if out["val"].docs == 0 or out["train"].docs == 0:
         raise UserError(f"{cfg.source}: {out['train'].docs} training and {out['val'].docs} validation documents; "
                         "need at least one of each (raise data.val_fraction, or use more documents)")
-    return {"dtype": np.dtype(dtype).name, "complete": complete, "skipped_docs": skipped, "chars_read": chars,
+    return {"dtype": np.dtype(out["train"].dtype).name, "complete": complete, "skipped_docs": skipped, "chars_read": chars,
             **{f"{s}_tokens": w.tokens for s, w in out.items()}, **{f"{s}_docs": w.docs for s, w in out.items()}}
 
 
-def _check_meta(meta: dict, where: Path, tok: TextTokenizer, identity_key: str) -> None:
-    if meta.get("version") != CACHE_VERSION:
-        raise UserError(f"token cache {where} has format version {meta.get('version')}, expected {CACHE_VERSION}: delete it")
+CACHE_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer.json"}  # everything a token cache folder holds
+META_KEYS = ("identity", "identity_key", "tokenizer", "tokenizer_fingerprint", "dtype", "complete", "train_tokens",
+             "val_tokens", "train_docs", "val_docs")
+
+
+def _check_meta(meta: dict, where: Path, tok: TextTokenizer, identity_key: str, own: bool) -> None:
+    """Refuse a cache of other data or another tokenizer in a folder the user chose (it may be kept on
+    purpose); in an automatic folder, whose name holds both, a mismatch is damage: build it again."""
     if meta["tokenizer_fingerprint"] != tok.fingerprint:
+        if own:
+            raise Stale(f"the token cache {where} holds another tokenizer's tokens: building it again")
         raise UserError(f"token cache {where} was built with tokenizer {meta['tokenizer']!r} "
                         f"({meta['tokenizer_fingerprint']}), this run uses {tok.spec!r} ({tok.fingerprint}): "
                         "delete the cache or choose another data.cache_dir")
     if meta["identity_key"] != identity_key:
+        if own:
+            raise Stale(f"the token cache {where} was read from other data: building it again")
         raise UserError(f"token cache {where} was read from other data ({meta['identity']['source']!r}; changed files, "
                         "text_field, val_fraction or val_tokens): delete the cache or choose another data.cache_dir")
+
+
+def _damage(meta: dict, where: Path) -> str:
+    """What is wrong with a cache's files against its meta.json ("" = nothing): a file shorter than
+    the tokens it should hold would be memory-mapped past its end."""
+    if meta.get("version") != CACHE_VERSION:
+        return f"format version {meta.get('version')}, this code reads {CACHE_VERSION}"
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        return f"its meta.json lacks {', '.join(missing)}"
+    if meta["dtype"] not in ("uint16", "uint32"):
+        return f"its meta.json names the dtype {meta['dtype']!r}"
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            want = int(meta[f"{split}_tokens"]) * itemsize
+            have = (where / f"{split}.bin").stat().st_size
+            if have < want:
+                return f"{split}.bin holds {have:,} bytes, its meta.json promises {want:,}"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (TypeError, ValueError) as e:
+        return f"its meta.json is garbled ({e})"
+    return ""
+
+
+def _refuse_foreign(where: Path, own: bool, why: str) -> None:
+    """A folder the user chose is only rebuilt when it holds nothing but a token cache's files:
+    anything else in it is theirs, and a rebuild would delete it."""
+    others = sorted(set(os.listdir(where)) - CACHE_FILES)
+    if not own and others:
+        raise UserError(f"data.cache_dir {where} holds files that are not a token cache's "
+                        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and no cache this run can use "
+                        f"({why}): point data.cache_dir at a new or empty folder (the files there are left as they are)")
+
+
+def _rebuildable(where: Path, own: bool, damage: str) -> Stale:
+    _refuse_foreign(where, own, damage)
+    return Stale(f"the token cache {where} is unusable ({damage}): building it again")
+
+
+def _read_cache(where: Path, tok: TextTokenizer, identity_key: str, need: int, own: bool) -> dict | None:
+    """The meta.json of a whole cache in `where` that serves this run; None when there is none yet."""
+    if not where.is_dir() or not any(where.iterdir()):
+        return None
+    try:
+        meta = json.loads((where / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        raise _rebuildable(where, own, "no meta.json") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise _rebuildable(where, own, f"meta.json is unreadable: {e}") from None
+    damage = _damage(meta, where)
+    if damage:
+        raise _rebuildable(where, own, damage)
+    _check_meta(meta, where, tok, identity_key, own)
+    if not (meta["complete"] or (need and meta["train_tokens"] >= need)):
+        _refuse_foreign(where, own, f"it holds {meta['train_tokens']:,} training tokens, this run reads {need:,}")
+        raise Stale(f"the token cache {where} holds {meta['train_tokens']:,} training tokens, this run reads "
+                    f"{need:,}: reading the source again, further")
+    return meta
 
 
 def _print(*args) -> None:
@@ -171,47 +257,47 @@ def prepare_data(cfg: TextDataConfig, log: Callable = _print) -> TokenCache:
 
     The cache is named by what was read (source, local files' sizes and times, split settings) and
     the tokenizer, not by seq_len or the budget: a cache read for 1B tokens serves an 8M run (which
-    uses its first max_tokens), and one too short for a run is read again, further."""
+    uses its first max_tokens), and one too short for a run is read again, further. One process
+    builds it, others wait and read it (shared/cache.py); its files are checked against its meta.json
+    before they are memory-mapped."""
     root = cache_root()
-    identity = source_identity(cfg.source, cfg.text_field, cfg.builtin_docs)
+    identity = source_identity(cfg.source, cfg.text_field, cfg.builtin_docs, cfg.skip_undecodable)
     identity_key = _key(identity, cfg.val_fraction, cfg.val_tokens)
     need = cfg.max_tokens
     tok = load_tokenizer(cfg.tokenizer, lambda: training_text(cfg.source, cfg.text_field, cfg.builtin_docs,
-                                                              cfg.val_fraction, BPE_CHARS),
+                                                              cfg.val_fraction, BPE_CHARS, cfg.skip_undecodable),
                          root / "tokenizers", identity_key)
-    where = Path(cfg.cache_dir) if cfg.cache_dir else root / "tokens" / f"{_slug(cfg.source)}-{_key(identity_key, tok.fingerprint)}"
+    own = not cfg.cache_dir  # an automatic folder is ours to rebuild; a data.cache_dir is the user's
+    where = (root / "tokens" / f"{_slug(cfg.source)}-{_key(identity_key, tok.fingerprint)}" if own
+             else check_folder(Path(cfg.cache_dir).expanduser(), f"data.cache_dir {cfg.cache_dir}"))
     desc = describe_source(cfg.source, cfg.builtin_docs)
-    meta_path = where / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{meta_path} is corrupt: delete {where} and rerun") from None
-        _check_meta(meta, where, tok, identity_key)
-        if meta["complete"] or (need and meta["train_tokens"] >= need):
-            return TokenCache(where, meta, tok, f"{desc} [token cache {where}]", need)
-        log(f"the token cache {where} holds {meta['train_tokens']:,} training tokens, this run reads {need:,}: "
-            "reading the source again, further")
-    elif where.exists() and any(where.iterdir()):
-        raise UserError(f"{where} exists but has no meta.json (not a token cache, or an interrupted build): delete it and rerun")
 
-    log(f"tokenising {desc} with {tok.spec} into {where}"
-        + (f" (until {need:,} training tokens)" if need else "") + " ...")
-    stream_for_val = cfg.val_tokens / cfg.val_fraction
-    if need and stream_for_val > 1.5 * need:
-        log(f"note: {cfg.val_tokens:,} validation tokens at val_fraction {cfg.val_fraction:g} take about "
-            f"{stream_for_val:,.0f} tokens of stream, well past the {need:,} this run trains on; raise "
-            "data.val_fraction or lower data.val_tokens to read less")
-    tmp = where.with_name(where.name + ".partial")
-    meta = {"version": CACHE_VERSION, "identity": identity, "identity_key": identity_key, "tokenizer": tok.spec,
-            "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            **_build(tmp, cfg, tok, need, log)}
-    tok.save(tmp / "tokenizer.json")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(where, ignore_errors=True)  # a shorter cache of the same data, or an empty folder
-    where.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, where)
-    return TokenCache(where, meta, tok, f"{desc} [token cache {where}]", need)
+    def read() -> TokenCache | None:
+        meta = _read_cache(where, tok, identity_key, need, own)
+        if meta is None:
+            return None
+        cache = TokenCache(where, meta, tok, f"{desc} [token cache {where}]", need)
+        try:  # mapped now, checked: a cache replaced later by a longer build keeps these files alive
+            cache.arrays = {s: cache.open(s) for s in ("train", "val")}
+        except (OSError, ValueError) as e:  # replaced between the check and the mapping
+            raise Stale(f"the token cache {where} changed while it was read ({e}): building it again") from None
+        return cache
+
+    def build(tmp: Path) -> None:
+        log(f"tokenising {desc} with {tok.spec} into {where}"
+            + (f" (until {need:,} training tokens)" if need else "") + " ...")
+        stream_for_val = cfg.val_tokens / cfg.val_fraction
+        if need and stream_for_val > 1.5 * need:
+            log(f"note: {cfg.val_tokens:,} validation tokens at val_fraction {cfg.val_fraction:g} take about "
+                f"{stream_for_val:,.0f} tokens of stream, well past the {need:,} this run trains on; raise "
+                "data.val_fraction or lower data.val_tokens to read less")
+        meta = {"version": CACHE_VERSION, "identity": identity, "identity_key": identity_key, "tokenizer": tok.spec,
+                "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                **_build(tmp, cfg, tok, need, log)}
+        tok.save(tmp / "tokenizer.json")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: a folder with meta.json is whole
+
+    return build_once(where, read, build, "the token cache", log)
 
 
 # ---------------------------------------------------------------------------------- batches

@@ -45,6 +45,16 @@ def until_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
+def new_token_budget(max_new_tokens: int, prompt_tokens: int, context: int) -> tuple[int, str]:
+    """How many tokens `generate` can add after a prompt, and a note when that is fewer than asked
+    ("" otherwise): the prompt and what follows it share the model's context."""
+    room = max(context - prompt_tokens, 0)
+    if max_new_tokens <= room:
+        return max_new_tokens, ""
+    return room, (f"note: the prompt's {prompt_tokens} tokens leave room for {room} of the {max_new_tokens} new tokens "
+                  f"asked (the model's context is {context}): each sample stops there")
+
+
 def real_tokens(vocab_rows: int, tokenizer_size: int, device=None) -> torch.Tensor:
     """bool [vocab_rows]: the tokenizer's ids, not the rows padded onto the embedding table."""
     return torch.arange(vocab_rows, device=device) < tokenizer_size
@@ -68,7 +78,7 @@ def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, temperat
     that has yields eos_id from then on. `allowed` (bool [V]) limits what may be sampled.
     """
     model.eval()
-    budget = min(max_new_tokens, model.max_seq_len - prompt.shape[1])
+    budget, _ = new_token_budget(max_new_tokens, prompt.shape[1], model.max_seq_len)
     if budget <= 0:
         return
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget) if use_cache else None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import subprocess
 import tomllib
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
 from shared.errors import UserError
 from shared.run import find_preset
@@ -113,6 +115,8 @@ def read_run(run_dir: Path, seed: int) -> dict:
                    "params": summary.get("params"), "run_dir": str(run_dir)}
     except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"run folder {run_dir} is incomplete or corrupt: {e!r}") from None
+    if problem := run_problem(figures):
+        raise UserError(f"run folder {run_dir} cannot be recorded: {problem}")
     curves = {"seed": seed, "eval": [[r["units"], r["loss"]] for r in rows if r.get("split") == "eval"],
               "train": _subsample([[r["units"], r["loss"]] for r in rows if r.get("split") == "train"])}
     return {"figures": figures, "curves": curves, "hardware": summary.get("hardware"), "config": config}
@@ -143,6 +147,8 @@ def build_record(*, label: str, preset: str, budget: int, overrides: list[str], 
 
 def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
     """records_dir/<preset>-<budget>-<label>-<YYYYmmdd-HHMMSS>.json, never overwriting one."""
+    if problem := record_problem(record):  # never write a record that would not be read back
+        raise UserError(f"the record is not valid: {problem}")
     stem = f"{record['preset']}-{format_budget(record['budget'])}-{record['label']}-{created:%Y%m%d-%H%M%S}"
     for i in range(1, 100):
         path = records_dir / (stem + (f"-{i}" if i > 1 else "") + ".json")
@@ -157,24 +163,96 @@ def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
     raise UserError(f"too many records named {stem} in {records_dir}")
 
 
-def load_record(path: str | Path) -> dict:
-    path = Path(path)
+def _shown(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    text = json.dumps(value) if isinstance(value, (str, list, dict, bool)) or value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_problem(run: object, where: str = "") -> str:
+    """What makes one run's figures unusable ("" = nothing): loss and train_time_s must be finite
+    numbers, accuracy and perplexity finite numbers or null."""
+    if not isinstance(run, dict):
+        return f"{where or 'a run'} is {_shown(run)}, not a table of figures"
+    for key in ("loss", "train_time_s", "accuracy", "perplexity"):
+        value = run.get(key)
+        if (value is not None or key in ("loss", "train_time_s")) and not _is_number(value):
+            return f"{where}{'.' if where else ''}{key} is {_shown(value) if key in run else 'missing'}, not a finite number"
+    return ""
+
+
+# field -> (check, what it must be); a field absent from the record passes unless it is required
+_FIELDS = {
+    "label": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "preset": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "budget": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of tokens"),
+    "overrides": (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of strings"),
+    "hardware": (lambda v: v is None or isinstance(v, dict), "a table or null"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+    "git_commit": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "git_dirty": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "runs": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+}
+REQUIRED = ("label", "preset", "budget", "runs")
+
+
+def record_problem(record: object) -> str:
+    """What makes a record unusable ("" = nothing): its schema, its fields' types, non-finite figures."""
+    if not isinstance(record, dict):
+        return f"it holds {type(record).__name__}, not a JSON object"
+    if record.get("schema") != SCHEMA:
+        return f"schema is {_shown(record.get('schema'))}, this code reads schema {SCHEMA}"
+    for key, (ok, what) in _FIELDS.items():
+        if key not in record:
+            if key in REQUIRED:
+                return f"it has no {key!r}"
+        elif not ok(record[key]):
+            return f"{key} is {_shown(record[key])}, not {what}"
+    for i, run in enumerate(record["runs"]):
+        if problem := run_problem(run, f"runs[{i}]"):
+            return problem
+    return ""
+
+
+def _read(path: Path) -> tuple[dict | None, str]:
+    """(record, "") for a valid record file, else (None, what is wrong with it)."""
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"record not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read record {path}: {e}") from None
+        return None, f"cannot be read ({e.strerror if isinstance(e, OSError) and e.strerror else e})"
     except json.JSONDecodeError as e:
-        raise UserError(f"record {path} is corrupt: {e.msg} at line {e.lineno} column {e.colno}") from None
-    ok = (isinstance(record, dict) and record.get("schema") == SCHEMA
-          and all(k in record for k in ("label", "preset", "budget", "runs")) and isinstance(record["runs"], list)
-          and record["runs"] and all(isinstance(r, dict) and isinstance(r.get("loss"), (int, float))
-                                     and isinstance(r.get("train_time_s"), (int, float)) for r in record["runs"]))
-    if not ok:
-        raise UserError(f"{path} is not a speedrun record (schema {SCHEMA}: label, preset, budget and runs with loss "
-                        "and train_time_s)")
+        return None, f"corrupt JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, "")
+
+
+def load_record(path: str | Path) -> dict:
+    """A record read and checked: a record that breaks the schema, or holds a NaN or a non-number
+    where a figure belongs, is refused in one line naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"record not found: {path}")
+    record, problem = _read(path)
+    if record is None:
+        raise UserError(f"{path} is not a valid speedrun record: {problem}")
     return record
+
+
+def read_records(records_dir: Path) -> tuple[list[tuple[dict, str]], list[tuple[str, str]]]:
+    """Every valid record in records_dir as (record, file name), and the others as (file name, why)."""
+    good, bad = [], []
+    for path in sorted(records_dir.glob("*.json")):
+        record, problem = _read(path)
+        if record is None:
+            bad.append((path.name, problem))
+        else:
+            good.append((record, path.name))
+    return good, bad
 
 
 def require_runs(n: int, what: str) -> None:
@@ -250,12 +328,13 @@ def _cell(text: str) -> str:
 
 
 def leaderboard(records_dir: Path) -> str:
-    """LEADERBOARD.md from every record in records_dir: one table per (preset, budget), best mean loss first.
-    Depends only on the records' contents, so regenerating without new records gives the same bytes."""
+    """LEADERBOARD.md from every valid record in records_dir: one table per (preset, budget), best mean
+    loss first, then the records left out and why. Depends only on the records' contents, so
+    regenerating without new records gives the same bytes."""
     groups: dict[tuple[str, int], list[tuple[dict, str]]] = {}
-    for path in sorted(records_dir.glob("*.json")):
-        rec = load_record(path)
-        groups.setdefault((rec["preset"], rec["budget"]), []).append((rec, path.name))
+    records, left_out = read_records(records_dir)
+    for rec, name in records:
+        groups.setdefault((rec["preset"], rec["budget"]), []).append((rec, name))
     out = ["# Speedrun leaderboard", "",
            "Generated by `python scripts/speedrun.py --leaderboard` from the records in this folder; do not edit it "
            "by hand.", "",
@@ -278,10 +357,20 @@ def leaderboard(records_dir: Path) -> str:
                      str(rec.get("created", ""))[:10], f"[{name}]({name})", overrides]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")
+    if left_out:
+        out += ["## Left out", "", "Records that do not read as valid records, so are not ranked:", ""]
+        out += [f"- `{name}`: {_cell(why)}" for name, why in left_out] + [""]
     return "\n".join(out)
 
 
-def write_leaderboard(records_dir: Path) -> Path:
+def _print(*args) -> None:
+    print(*args, flush=True)
+
+
+def write_leaderboard(records_dir: Path, note: Callable = _print) -> Path:
+    """Rewrite LEADERBOARD.md; each record left out of it is named, with why, through `note`."""
+    for name, why in read_records(records_dir)[1]:
+        note(f"note: left {records_dir / name} out of the leaderboard: {why}")
     path = records_dir / LEADERBOARD
     try:
         path.write_text(leaderboard(records_dir))

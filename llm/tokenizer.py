@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from shared.cache import Stale, build_once
 from shared.errors import UserError
 from shared.hub import require_hub
 
@@ -67,6 +68,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def _trained_bpe(spec: str, size: int, train_texts: Callable[[], Iterable[str]], path: Path) -> TextTokenizer:
+    """A BPE trained once per corpus and size: concurrent runs on the same data train it once."""
+    def read() -> TextTokenizer | None:
+        if not path.is_file():
+            return None
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(path)), spec)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file; ours, a UserError
+            raise Stale(f"the cached BPE tokenizer {path} is unreadable ({' '.join(str(e).split())[:120]}): "
+                        "training it again") from None
+
+    def build(partial: Path) -> None:
+        print(f"training a byte-level BPE tokenizer ({size} tokens) on the training documents...", flush=True)
+        train_bpe(train_texts(), size).save(str(partial))
+
+    return build_once(path, read, build, "the trained BPE tokenizer")
+
+
 def load_tokenizer(spec: str, train_texts: Callable[[], Iterable[str]] | None = None,
                    cache_dir: Path | None = None, corpus_key: str = "") -> TextTokenizer:
     """Resolve a tokenizer spec. `bpe:N` trains on `train_texts()` once and caches the result
@@ -80,16 +99,7 @@ def load_tokenizer(spec: str, train_texts: Callable[[], Iterable[str]] | None = 
             raise UserError(f"tokenizer {spec!r}: a byte-level BPE needs at least 257 tokens")
         if train_texts is None or cache_dir is None:
             raise UserError(f"tokenizer {spec!r} is trained on the corpus and needs the training data")
-        path = Path(cache_dir) / f"bpe{size}-{corpus_key}.json"
-        if path.is_file():
-            return TextTokenizer(Tokenizer.from_file(str(path)), spec)
-        print(f"training a byte-level BPE tokenizer ({size} tokens) on the training documents...", flush=True)
-        tok = train_bpe(train_texts(), size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tok.save(str(tmp))
-        tmp.replace(path)
-        return TextTokenizer(tok, spec)
+        return _trained_bpe(spec, size, train_texts, Path(cache_dir) / f"bpe{size}-{corpus_key}.json")
     path = Path(spec).expanduser()
     if path.is_file():
         try:

@@ -17,6 +17,7 @@ from .model import MultimodalModelConfig
 @dataclass
 class MultimodalDataConfig:
     source: str = "builtin"  # image data: builtin | cifar10 | PATH of an image folder (shared/images.py)
+    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
     vqvae: str = ""  # the VQ-VAE run (or checkpoint) whose tokens the model reads and writes (--vqvae)
     tokenizer: str = "bpe:512"  # text tokenizer (llm/tokenizer.py); bpe:N is trained on the captions
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # caption templates: {name} the class, {a} its article

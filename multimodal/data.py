@@ -3,21 +3,24 @@
 Every image is encoded by the VQ-VAE twice, as it is and mirrored (mirroring a token grid is not
 mirroring the image: each code describes a patch, not a pixel), and the grids are cached under
 $BLUEBERRY_CACHE keyed by a hash of the pixels and the tokenizer's fingerprint, in the token-file
-format of `scripts/encode_vqvae.py` (which refuses a file written by another tokenizer).
+format of `scripts/encode_vqvae.py`. The cache records the hash and is checked against the images
+when read (count, labels, tokenizer, grid): one that does not fit is encoded again.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from shared.cache import cache_root
+from shared.cache import Stale, build_once, cache_root
 from shared.epochs import EpochOrder
+from shared.errors import UserError
 from shared.images import ImageSet, subset_indices
-from vqvae.token_file import load_tokens, save_tokens
+from vqvae.token_file import TokenFile, load_tokens, write_tokens
 from vqvae.tokenizer import VQTokenizer
 
 from .captions import CaptionTable
@@ -49,27 +52,60 @@ def pixel_key(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+TOKEN_FILES = ("tokens.safetensors", "mirrored.safetensors")  # each image as it is, then mirrored
+
+
+def _mismatch(f: TokenFile, data: ImageSet, key: str, vq: VQTokenizer) -> str:
+    if f.tokenizer.get("fingerprint") != vq.fingerprint:
+        return f"written by VQ tokenizer {f.tokenizer.get('fingerprint')}, this one is {vq.fingerprint}"
+    if len(f) != len(data):
+        return f"{len(f):,} rows for {len(data):,} images"
+    if tuple(f.tokens.shape[1:]) != tuple(vq.grid_shape):
+        return f"grids of {list(f.tokens.shape[1:])}, the tokenizer makes {list(vq.grid_shape)}"
+    if f.images_key != key or not torch.equal(f.labels, data.labels):
+        return "encoded from other images or labels"
+    return ""
+
+
+def _cached(folder: Path, data: ImageSet, key: str, vq: VQTokenizer) -> VisualTokens | None:
+    """The cached grids when they are of exactly these images (count, pixels and labels) and this
+    tokenizer: rows of other images would pair token grids with the wrong labels."""
+    if not folder.is_dir():
+        return None
+    try:
+        files = [load_tokens(folder / name) for name in TOKEN_FILES]
+    except UserError as e:  # missing or corrupt: a derived cache, so encode again
+        raise Stale(f"the visual-token cache {folder} is unusable ({e}): encoding the images again") from None
+    for f in files:
+        problem = _mismatch(f, data, key, vq)
+        if problem:
+            raise Stale(f"the visual-token cache {folder} does not fit ({problem}): encoding the images again")
+    return VisualTokens(torch.stack([f.tokens.long() for f in files], 1), data.labels, data.classes, data.description)
+
+
+def _encode(data: ImageSet, split: str, vq: VQTokenizer, mirrored: bool, progress: bool) -> torch.Tensor:
+    chunks = []
+    starts = range(0, len(data), vq.batch_size)
+    for i in tqdm(starts, desc=f"VQ-encode {split}{' (mirrored)' if mirrored else ''}", unit="batch",
+                  disable=not progress or len(starts) < 4, mininterval=1.0):
+        x = data.images[i:i + vq.batch_size]
+        chunks.append(vq.encode(x.flip(-1) if mirrored else x).cpu())
+    return torch.cat(chunks)
+
+
 def encode_images(data: ImageSet, split: str, vq: VQTokenizer, progress: bool = True) -> VisualTokens:
-    """The VQ tokens of every image and of its mirror image, from the cache when it holds them."""
-    folder = cache_root() / "multimodal-tokens"
-    stem = f"{split}-{pixel_key(data.images, data.labels)}-{vq.fingerprint}"
-    paths = [folder / f"{stem}.safetensors", folder / f"{stem}-mirrored.safetensors"]
-    if all(p.is_file() for p in paths):
-        files = [load_tokens(p, expect=vq) for p in paths]
-        return VisualTokens(torch.stack([f.tokens.long() for f in files], 1), data.labels, data.classes, data.description)
-    grids = []
-    for mirrored in (False, True):
-        chunks = []
-        starts = range(0, len(data), vq.batch_size)
-        for i in tqdm(starts, desc=f"VQ-encode {split}{' (mirrored)' if mirrored else ''}", unit="batch",
-                      disable=not progress or len(starts) < 4, mininterval=1.0):
-            x = data.images[i:i + vq.batch_size]
-            chunks.append(vq.encode(x.flip(-1) if mirrored else x).cpu())
-        grids.append(torch.cat(chunks))
-    for path, grid, mirrored in zip(paths, grids, (False, True)):
-        save_tokens(path, grid, data.labels, data.classes, vq.identity(),
-                    data.description + (", mirrored" if mirrored else ""))
-    return VisualTokens(torch.stack(grids, 1), data.labels, data.classes, data.description)
+    """The VQ tokens of every image and of its mirror image, from the cache when it holds them
+    (checked against the images: a cache that does not fit is encoded again, with a note)."""
+    key = pixel_key(data.images, data.labels)
+    folder = cache_root() / "multimodal-tokens" / f"{split}-{key}-{vq.fingerprint}"
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        for name, mirrored in zip(TOKEN_FILES, (False, True)):
+            write_tokens(partial / name, _encode(data, split, vq, mirrored, progress), data.labels, data.classes,
+                         vq.identity(), data.description + (", mirrored" if mirrored else ""), images_key=key)
+
+    return build_once(folder, lambda: _cached(folder, data, key, vq), build, "the visual-token cache")
 
 
 class SequenceBatches:

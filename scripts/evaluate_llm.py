@@ -55,7 +55,8 @@ def main() -> None:
     model = run.model.to(device)
     dtype = pick_dtype(args.precision, device)
     print(f"# {run.ckpt} ({'EMA' if run.ema else 'trained'} weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, context {model.max_seq_len} tokens, {device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+          f"parameters, context {model.max_seq_len} tokens, {device}, {str(dtype).removeprefix('torch.')}"
+          f"{run.tokenizer_note})", file=sys.stderr)
     scores = evaluate(model, run.tokenizer, tasks, args.batch_size, dtype)
     result = {"checkpoint": str(run.ckpt), "ema": run.ema, "device": str(device), "precision": str(dtype).removeprefix("torch."),
               "limit": args.limit or None, **scores}

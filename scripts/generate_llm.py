@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from llm.generate import document_prompt, generate, real_tokens
+from llm.generate import document_prompt, generate, new_token_budget, real_tokens
 from llm.load import load_llm_run
 from shared.errors import UserError, run_main
 from shared.run import finite_float, non_negative_int
@@ -42,12 +42,15 @@ def main() -> None:
     if not tok.encode(args.prompt):
         raise UserError("the prompt is empty after tokenisation")
     ids = document_prompt(tok, args.prompt)
-    if len(ids) >= cfg.data.seq_len:
-        raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.data.seq_len}")
+    if len(ids) >= model.max_seq_len:
+        raise UserError(f"the prompt has {len(ids)} tokens; the model's context is {model.max_seq_len}")
+    _, note = new_token_budget(args.max_new_tokens, len(ids), model.max_seq_len)
     g = torch.Generator(device=device).manual_seed(args.seed)
     allowed = real_tokens(cfg.model.vocab_size, tok.vocab_size, device)
     print(f"# {ckpt} ({'EMA' if ema else 'trained'} weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, {device})", file=sys.stderr)
+          f"parameters, {device}{run.tokenizer_note})", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     for n in range(args.num_samples):
         prompt = torch.tensor([ids], device=device)
         sys.stdout.write(args.prompt)
@@ -63,6 +66,7 @@ def main() -> None:
                 sys.stdout.write(text[len(printed):])
                 sys.stdout.flush()
                 printed = text
+        sys.stdout.write(tok.decode(produced)[len(printed):])  # a last character cut short by the stop
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
 
 

@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, ClassifierRunConfig, {"data.source": args.data}, package="classifier")
 
-    train, test = load_train_test(cfg.data.source)
+    train, test = load_train_test(cfg.data.source, drop_empty_classes=cfg.data.drop_empty_classes)
     test = test.subset(cfg.data.eval_images)
     print(f"data: {train.description}; evaluation on {len(test):,} test images")
     if cfg.model.num_classes not in (0, len(train.classes)):
@@ -45,7 +45,7 @@ def main() -> None:
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     epochs = cfg.train.budget / len(train)
     describe_training(trainer, run_dir, resume, f", {epochs:.1f} epochs")
-    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), save_classes(train.classes, run_dir)))
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir, resume), save_classes(train.classes, run_dir)))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("test accuracy" + (" (EMA)" if cfg.train.ema_decay else ""), f"{ev['accuracy']:.4f} on {len(test):,} images"),

@@ -29,11 +29,9 @@ def main() -> None:
     cfg, run_dir, resume = resolve_run(args, FlowMatchingRunConfig, {
         "data.source": args.data, "train.budget": args.train_images}, package="flow_matching")
 
-    train, test = load_train_test(cfg.data.source)
+    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)  # both splits checked before any work
+    train, test = load_train_test(cfg.data.source, shape=shape, drop_empty_classes=cfg.data.drop_empty_classes)
     print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
-    shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    if tuple(train.images.shape[1:]) != shape:
-        raise UserError(f"images are {tuple(train.images.shape[1:])} but the model expects {shape} (model.channels, model.image_size)")
     if cfg.model.num_classes not in (0, len(train.classes)):
         raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
     cfg.model.num_classes = len(train.classes)
@@ -49,7 +47,7 @@ def main() -> None:
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES})
     describe_training(trainer, run_dir, resume, f", time sampling {cfg.flow.time_sampling}, label dropout "
                       f"{cfg.flow.label_dropout}, EMA {cfg.train.ema_decay or 'off'}")
-    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), save_classes(train.classes, run_dir)))
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir, resume), save_classes(train.classes, run_dir)))
     samples = sorted((run_dir / "samples").glob("*.png"))
     report(summary, run_dir, [
         ("eval loss" + (" (EMA)" if cfg.train.ema_decay else ""), f"{summary['final_eval']['loss']:.4f}"),

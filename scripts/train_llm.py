@@ -13,6 +13,7 @@ import torch
 
 from llm.config import LLMRunConfig, padded_vocab
 from llm.data import PackedBatches, prepare_data, validation_rows
+from llm.load import check_resumed_tokenizer, save_run_tokenizer
 from llm.model import Decoder, active_params
 from llm.task import LanguageModelTask
 from shared.distributed import main_first
@@ -35,6 +36,8 @@ def main() -> None:
     with main_first():  # rank 0 tokenises into the cache, the other processes then read it
         cache = prepare_data(cfg.data)
     tok = cache.tokenizer
+    if resume is not None:
+        check_resumed_tokenizer(tok, run_dir)
     print(f"data: {cache.description}")
     train_tokens, val_tokens = len(cache.tokens("train")), len(cache.tokens("val"))
     print(f"tokens: {train_tokens:,} train / {val_tokens:,} validation "
@@ -64,7 +67,7 @@ def main() -> None:
                              sample_tokens=cfg.sample.max_new_tokens, doc_mask=cfg.data.doc_mask)
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     describe_training(trainer, run_dir, resume)
-    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir), tok.save(run_dir / "tokenizer.json")))
+    summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir, resume), save_run_tokenizer(tok, run_dir)))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("validation loss", f"{ev['loss']:.4f}"),

@@ -21,6 +21,7 @@ from llm.tokenizer import load_tokenizer
 from multimodal.captions import CaptionTable, display_names, render
 from multimodal.config import MultimodalRunConfig
 from multimodal.data import SequenceBatches, encode_images
+from multimodal.load import VQ_COPY, run_vqvae
 from multimodal.model import MultimodalDecoder
 from multimodal.sampling import clamp_top_k
 from multimodal.sequences import SequenceLayout
@@ -28,10 +29,9 @@ from multimodal.task import MultimodalTask
 from multimodal.vocab import Vocabulary
 from shared.cache import cache_root
 from shared import distributed
-from shared.config import load_config
 from shared.errors import ConfigError, UserError, run_main
 from shared.images import load_train_test, save_classes
-from shared.run import add_common_args, describe_training, report, resolve_run, save_config
+from shared.run import add_common_args, describe_training, load_run_config, report, resolve_run, same_setting, save_config
 from shared.trainer import Trainer, count_params, pick_device, refuse_finished
 from vqvae.tokenizer import VQTokenizer
 
@@ -42,32 +42,32 @@ def main() -> None:
     p.add_argument("--vqvae", help="VQ-VAE run folder or checkpoint (scripts/train_vqvae.py); overrides data.vqvae")
     p.add_argument("--train_images", type=int, help="image budget (overrides train.budget): sequences, one image each")
     args = p.parse_intermixed_args()  # overrides may sit before or after the flags
+    # data.vqvae is where the VQ-VAE is, not which one: a resume may give its new location, and the
+    # fingerprint in vocab.json says whether it is the one trained on
     cfg, run_dir, resume = resolve_run(args, MultimodalRunConfig, {
-        "data.source": args.data, "data.vqvae": args.vqvae, "train.budget": args.train_images}, package="multimodal")
+        "data.source": args.data, "data.vqvae": args.vqvae, "train.budget": args.train_images}, package="multimodal",
+        free=("data.vqvae",))
     if not cfg.data.vqvae:
         raise UserError("no VQ-VAE given: pass --vqvae RUN (a run of scripts/train_vqvae.py) or set data.vqvae")
     cfg.data.vqvae = str(Path(cfg.data.vqvae).resolve())  # the run is read later from other folders
     refuse_finished(resume, run_dir, cfg.train.budget, "images")
     local = distributed.setup()
     device = pick_device(cfg.train.device, local.local_rank if local.active else None)
-    vq = VQTokenizer.from_run(cfg.data.vqvae, device=device)
+    if resume is not None:  # the VQ-VAE trained on: the run's own copy unless a new location is given
+        vocab = Vocabulary.load(run_dir)
+        recorded = load_run_config(run_dir, MultimodalRunConfig, "multimodal").data.vqvae
+        moved = None if same_setting(recorded, cfg.data.vqvae) else cfg.data.vqvae
+        vq = run_vqvae(run_dir, vocab, recorded, moved, device)
+    else:
+        vq = VQTokenizer.from_run(cfg.data.vqvae, device=device)
 
-    train, test = load_train_test(cfg.data.source)
-    s = vq.image_size
-    if tuple(train.images.shape[1:]) != (3, s, s):
-        raise UserError(f"images are {list(train.images.shape[1:])} but the VQ-VAE encodes [3, {s}, {s}]")
+    s = vq.image_size  # both splits checked against what the VQ-VAE encodes, before any work
+    train, test = load_train_test(cfg.data.source, shape=(3, s, s), drop_empty_classes=cfg.data.drop_empty_classes)
     names = display_names(train.classes, cfg.data.class_names)
 
-    if resume is not None:  # the run's own tokenizer and layout, checked against the VQ-VAE in use
-        saved = load_config(MultimodalRunConfig, run_dir / "config.toml").data
-        for key in ("max_caption_tokens", "templates", "class_names", "input_image_loss"):
-            if getattr(saved, key) != getattr(cfg.data, key):
-                raise ConfigError(f"data.{key} = {getattr(cfg.data, key)!r} but {run_dir} was trained with "
-                                  f"{getattr(saved, key)!r}: a resumed run keeps its sequence layout")
+    if resume is not None:  # the run's own tokenizer (resolve_run kept its layout: data.* is fixed on resume)
         text = load_tokenizer(str(run_dir / "tokenizer.json"))
-        vocab = Vocabulary.load(run_dir)
         vocab.check_text(text.fingerprint, str(run_dir / "tokenizer.json"))
-        vocab.check_vq(vq.fingerprint, cfg.data.vqvae)
     else:
         texts = [render(t, n) for n in names for t in cfg.data.templates]
         key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
@@ -112,10 +112,12 @@ def main() -> None:
                       f"{cfg.data.empty_caption}, EMA {cfg.train.ema_decay or 'off'}")
 
     def on_start():
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, resume)
         text.save(run_dir / "tokenizer.json")
         vocab.save(run_dir)
         save_classes(train.classes, run_dir)
+        if not (run_dir / VQ_COPY).is_dir():  # the run holds the VQ-VAE it trains on (older runs get it now)
+            vq.save_copy(run_dir / VQ_COPY)
 
     summary = trainer.fit(resume, on_start=on_start)
     ev = summary["final_eval"]

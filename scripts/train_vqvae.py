@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from shared import distributed
-from shared.errors import ConfigError, UserError, run_main
+from shared.errors import ConfigError, run_main
 from shared.images import ImageBatches, load_train_test
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config
 from shared.trainer import Trainer, count_params
@@ -28,13 +28,11 @@ def main() -> None:
     p.add_argument("--train_images", type=int, help="image budget (overrides train.budget), e.g. 1000000")
     args = p.parse_intermixed_args()  # overrides may sit before or after the flags
     cfg, run_dir, resume = resolve_run(args, VQVAERunConfig, {"data.source": args.data, "train.budget": args.train_images},
-                                       package="vqvae")
+                                       package="vqvae", fixed=("gan.channels", "gan.layers"))  # the discriminator's shape
 
-    train, test = load_train_test(cfg.data.source, same_classes=False)  # a tokenizer needs no labels
-    s = cfg.model.image_size
-    if tuple(train.images.shape[1:]) != (3, s, s):
-        raise UserError(f"{train.description} holds images of shape {list(train.images.shape[1:])}; "
-                        f"model.image_size = {s} expects [3, {s}, {s}]")
+    s = cfg.model.image_size  # every split checked against the model before any work
+    train, test = load_train_test(cfg.data.source, same_classes=False, shape=(3, s, s),  # a tokenizer needs no labels
+                                  drop_empty_classes=cfg.data.drop_empty_classes)
     eval_images = test.subset(cfg.data.eval_images).images
     print(f"data: {train.description}; evaluating on {len(eval_images):,} images of the {test.description}")
 
@@ -56,7 +54,7 @@ def main() -> None:
     # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
     trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
     describe_training(trainer, run_dir, resume)
-    summary = trainer.fit(resume, on_start=lambda: save_config(cfg, run_dir))
+    summary = trainer.fit(resume, on_start=lambda: save_config(cfg, run_dir, resume))
     ev = summary["final_eval"]
     report(summary, run_dir, [
         ("reconstruction mse", f"{ev['mse']:.5f} (pixels in [0, 1])"),

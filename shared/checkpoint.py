@@ -8,7 +8,8 @@ Layout under a run's `checkpoints/`:
 
 A checkpoint is written into a temporary folder that is renamed into place when complete, and
 `latest` is replaced atomically afterwards, so a crash mid-write never leaves a half checkpoint
-as the latest.
+as the latest. A write that fails (a full disk) removes what it wrote and leaves the previous
+checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ from . import parallel
 from .errors import UserError
 
 MODEL_FILE, EMA_FILE, STATE_FILE, LATEST = "model.safetensors", "ema.safetensors", "state.pt", "latest"
+# what a full (or vanished) disk raises: OSError from Python, SafetensorError from safetensors'
+# writer, RuntimeError from torch.save's zip writer ("[enforce fail at inline_container.cc] unexpected pos")
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return "free space unknown"
+    return f"{free / 2**20:,.1f} MiB free there"
+
+
+def write_failure(e: BaseException, folder: Path) -> str:
+    """A failed write as a short phrase with the free space when it failed (torch's zip writer never
+    says the disk is full); save_checkpoint notes it before removing what it wrote."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+    notes = getattr(e, "__notes__", None)
+    return f"{text}; {notes[-1] if notes else _free_space(folder)}"
 
 
 def _tensors(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,26 +63,50 @@ def _tensors(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
+
+
+def write_file_atomic(path: str | Path, write, what: str) -> None:
+    """Write a file through `write(tmp_path)` and rename it into place: a failed write (a full disk)
+    is one line, leaves no temporary file and keeps the previous file."""
+    path = Path(path)
+    try:
+        _write_atomic(path, write)
+    except WRITE_ERRORS as e:
+        raise UserError(f"could not write {what} {path} ({write_failure(e, path.parent)}); the previous one is kept") from None
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module | dict, state: dict,
                     ema_model: nn.Module | dict | None = None, keep: int = 2) -> Path:
-    """`model` and `ema_model`: modules or their (whole, unsharded) state dicts."""
+    """`model` and `ema_model`: modules or their (whole, unsharded) state dicts. A failed write
+    (one of WRITE_ERRORS, raised again) leaves no partial folder, and the previous checkpoint stays
+    the latest."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f".step_{step:06d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_tensors(model), tmp / MODEL_FILE, metadata={"step": str(step)})
-    if ema_model is not None:
-        save_file(_tensors(ema_model), tmp / EMA_FILE, metadata={"step": str(step)})
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_atomic(ckpt_dir / LATEST, lambda p: p.write_text(final.name + "\n"))
+    previous = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+    weights, ema_weights = _tensors(model), _tensors(ema_model) if ema_model is not None else None
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, tmp / MODEL_FILE, metadata={"step": str(step)})
+        if ema_weights is not None:
+            save_file(ema_weights, tmp / EMA_FILE, metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_dir / LATEST, lambda p: p.write_text(final.name + "\n"))
+    except WRITE_ERRORS as e:
+        e.add_note(_free_space(ckpt_dir))  # measured before the partial write is removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.name != previous:  # complete but never named latest: the previous one stays the state
+            shutil.rmtree(final, ignore_errors=True)
+        raise
     old = sorted(d for d in ckpt_dir.glob("step_*") if d.is_dir() and d != final)
     for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(d, ignore_errors=True)

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_weights, resolve_checkpoint
-from .config import from_dict, load_toml
 from .errors import ConfigError
 from .images import ImageSet, load_classes, to_float
 from .metrics import MetricsLogger
 from .optim import OptimConfig
-from .run import find_run_dir
+from .run import find_run_dir, load_run_config
 from .trainer import TrainConfig
 
 @dataclass
@@ -52,6 +51,7 @@ class ClassifierModelConfig:
 @dataclass
 class ClassifierDataConfig:
     source: str = "cifar10"
+    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
     crop_pad: int = 4  # random translations of up to this many pixels (reflection padding)
     hflip: bool = True
     eval_images: int = 10_000  # test images scored at each evaluation (the whole CIFAR-10 test split)
@@ -277,7 +277,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", ema: b
     when the run kept them."""
     ckpt = resolve_checkpoint(path)
     run_dir = find_run_dir(ckpt)
-    cfg = from_dict(ClassifierRunConfig, load_toml(run_dir / "config.toml"))
+    cfg = load_run_config(run_dir, ClassifierRunConfig, "classifier")  # another kind of run: named in one line
     classes = load_classes(run_dir, "scripts/train_classifier.py")
     model = build_classifier(cfg.model)
     load_weights(model, ckpt, ema=ema and cfg.train.ema_decay > 0)

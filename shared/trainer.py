@@ -31,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed, parallel
-from .checkpoint import load_state, load_weights, save_checkpoint
+from .config import load_toml
+from .checkpoint import WRITE_ERRORS, load_state, load_weights, save_checkpoint, write_failure, write_file_atomic
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
@@ -61,6 +62,7 @@ class TrainConfig:
     # several processes (torchrun / accelerate launch): "ddp" replicates the model; "fsdp" shards
     # weights, gradients and optimiser state (FSDP2, transformer stacks only); one process ignores it
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    wandb: str = ""  # a Weights & Biases project to log to as well (pip install -e ".[wandb]"); "" = none
 
     def __post_init__(self):
         for name in ("budget", "batch_size", "grad_accum", "log_every", "max_skips"):
@@ -72,6 +74,9 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.wandb:  # the package and the name, before any work
+            from .wandb_sink import check_available
+            check_available(self.wandb)
 
 
 class BatchSource(Protocol):
@@ -192,6 +197,7 @@ class Trainer:
         self.stop_requested = False  # set by Ctrl-C or SIGTERM: stop at the next step boundary and checkpoint
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.skipped = self.skips_in_row = 0
+        self.run_dir_made = False  # set once fit() has made the run folder: from then on it must stay
 
     # ---------------------------------------------------------------- state
     def _state(self) -> dict:
@@ -218,16 +224,27 @@ class Trainer:
         self._measure_ema_batchnorm()  # the saved EMA weights carry statistics that fit them
         ckpt_dir = self.run_dir / "checkpoints"
         weights, state = parallel.model_state(self.model), self._state()  # collectives under FSDP
+        self._check_run_dir()
         if not self.dist.main:
             return ckpt_dir  # rank 0 writes
-        try:
+        try:  # save_checkpoint removes what a failed write left
             return save_checkpoint(ckpt_dir, self.step, weights, state,
                                    self.ema.shadow.state_dict() if self.ema else None, keep=self.cfg.keep_checkpoints)
-        except OSError as e:
-            for partial in ckpt_dir.glob(".step_*.partial"):
-                shutil.rmtree(partial, ignore_errors=True)
-            raise UserError(f"could not write a checkpoint at step {self.step} in {ckpt_dir} ({e.strerror or e}); "
+        except WRITE_ERRORS as e:
+            raise UserError(f"could not write a checkpoint at step {self.step} in {ckpt_dir} ({write_failure(e, ckpt_dir)}); "
                             "the previous checkpoint is kept") from None
+
+    def _check_run_dir(self) -> None:
+        """Stop when the run folder was deleted while training: writing on would recreate it with
+        checkpoints but without its config.toml. One stat, at logging points and before writes."""
+        if not self.run_dir_made:
+            return
+        gone = self.dist.main and not self.run_dir.is_dir()
+        if self.dist.active:  # every rank stops at the same point
+            gone = bool(distributed.any_across(torch.tensor(gone, device=self.device)))
+        if gone:
+            raise UserError(f"the run folder {self.run_dir} was deleted while training: stopped at step {self.step} "
+                            "without recreating it")
 
     def _restore(self, ckpt: Path) -> None:
         state = load_state(ckpt)
@@ -349,6 +366,7 @@ class Trainer:
         return metrics
 
     def _sample(self, logger: MetricsLogger) -> None:
+        self._check_run_dir()  # the sample hook creates folders under it
         if not (self.dist.main or self.sharded):
             return
         self.model.eval()
@@ -377,8 +395,9 @@ class Trainer:
             if on_start is not None:
                 on_start()
         distributed.barrier()  # the run folder is ready before any rank trains
-        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None) if main \
-            else _NullLogger()
+        self.run_dir_made = True
+        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+                               wandb=cfg.wandb, config=self._saved_config()) if main else _NullLogger()
         self.model.train()
         eval_metrics: dict = {}
         # this process's first step pays for compilation, and on a GPU for kernel selection and the
@@ -389,7 +408,7 @@ class Trainer:
         window_units, window_time, pending_steps = 0, 0.0, 0
         self._sync()
         mark = time.perf_counter()
-        with _stop_on_interrupt(self):
+        with _stop_on_interrupt(self), contextlib.closing(bar):  # an error is printed below the bar, not over it
             while self.step < self.total_steps:
                 if self.stop_requested and not self.dist.active:
                     self._stop(bar, logger)
@@ -401,6 +420,7 @@ class Trainer:
                 due = [self._crossed(every) or last for every in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)]
                 if not (log_now or any(due)):
                     continue  # no host synchronisation between logging points: the GPU runs ahead
+                self._check_run_dir()
                 loss_value = distributed.mean_across(loss).item() if log_now else None
                 if distributed.any_across(self.nonfinite).item():  # set on the device by any step since the last check
                     raise UserError(f"training diverged: a non-finite loss or gradient norm by step {self.step}; "
@@ -444,6 +464,11 @@ class Trainer:
         logger.close()
         return self._finish(eval_metrics)
 
+    def _saved_config(self) -> dict | None:
+        """The resolved config the script saved in the run folder (what W&B records), if any."""
+        path = self.run_dir / "config.toml"
+        return load_toml(path) if self.cfg.wandb and path.is_file() else None
+
     def _stop(self, bar, logger) -> None:
         """Ctrl-C or SIGTERM asked to stop: checkpoint at this step boundary and leave."""
         bar.close()
@@ -480,10 +505,17 @@ class Trainer:
         }
         if self.device.type == "cuda":
             summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self._check_run_dir()
         if not self.dist.main:
             return summary
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", x_key="units", x_label=unit)
+        write_file_atomic(self.run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"),
+                          "the summary")
+        png = self.run_dir / "loss_curve.png"
+        try:
+            plot_loss_curve(self.run_dir / "metrics.jsonl", png, x_key="units", x_label=unit)
+        except WRITE_ERRORS as e:
+            png.unlink(missing_ok=True)
+            raise UserError(f"could not write the loss curve {png} ({write_failure(e, self.run_dir)})") from None
         return summary
 
 

@@ -43,6 +43,16 @@ def data_dir() -> Path:
     return d
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for an in-process test (tests that train in-process run beside others)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # every test session gets its own token/image cache, never the user's

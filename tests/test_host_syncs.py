@@ -12,23 +12,14 @@ codebook is initialised by k-means then); the next steps must count zero.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shared.syncs import SyncCounter
 from shared.trainer import Trainer
 from trainers import MOE, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
 
-pytestmark = pytest.mark.gpu_paths
+pytestmark = [pytest.mark.gpu_paths, pytest.mark.usefixtures("one_thread")]
 
 STEPS = 2  # steps counted after the first
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count_syncs(trainer: Trainer, steps: int = STEPS) -> SyncCounter:

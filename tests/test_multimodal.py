@@ -27,18 +27,12 @@ from shared.classifier import ClassifierModelConfig, ClassifierTask, ResNet9, cl
 from shared.errors import ConfigError, UserError
 from shared.images import generate_shapes, read_image_files, to_float
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training, beside other jobs
+
 TEXT_SIZE, CODES = 40, 16
 VOCAB = Vocabulary(TEXT_SIZE, CODES, (4, 4), "text-fp", "vq-fp")
 LAYOUT = SequenceLayout(VOCAB, max_caption_tokens=5)
 CAPTIONS = [[[3, 7, 10 + k], [4, 10 + k]] for k in range(4)]  # 4 classes x 2 templates of text ids
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, rope_2d: bool = False, prefer_text: float = 0.0) -> MultimodalDecoder:

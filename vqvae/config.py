@@ -46,6 +46,7 @@ class GANConfig:
 @dataclass
 class ImageDataConfig:
     source: str = "builtin"  # builtin, cifar10 or an image folder (see shared/images.py)
+    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
     hflip: bool = True  # random left-right flips of training images
     eval_images: int = 1000  # test-split images (a fixed random subset) evaluated during training; 0 = all
 

@@ -7,21 +7,26 @@
 
 The fingerprint is a hash of the weights (codebook included) and the model config: two
 tokenizers with the same fingerprint produce the same tokens, so files of tokens record it.
+`tok.save_copy(folder)` writes the loaded weights and the run's config as a folder `from_run`
+reads: a run that depends on this tokenizer keeps its own copy (resuming the VQ-VAE run prunes
+its old checkpoints).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from shared.checkpoint import EMA_FILE, load_weights, resolve_checkpoint
-from shared.config import load_config, to_dict
+from shared.checkpoint import EMA_FILE, MODEL_FILE, WRITE_ERRORS, load_weights, resolve_checkpoint, write_failure
+from shared.config import to_dict
 from shared.errors import UserError
 from shared.images import to_float
-from shared.run import find_run_dir
+from shared.run import find_run_dir, load_run_config
 
 from .config import VQVAERunConfig
 from .model import VQVAE
@@ -36,9 +41,11 @@ def fingerprint(model: VQVAE) -> str:
 
 
 class VQTokenizer:
-    def __init__(self, model: VQVAE, source: str = "(in memory)", batch_size: int = 256):
+    def __init__(self, model: VQVAE, source: str = "(in memory)", batch_size: int = 256,
+                 files: tuple[Path, Path] | None = None):
         self.model = model.eval().requires_grad_(False)
         self.source, self.batch_size = source, batch_size
+        self.files = files  # (config.toml, the weights file loaded) of a tokenizer read from a run
         self.fingerprint = fingerprint(model)
 
     @classmethod
@@ -47,11 +54,31 @@ class VQTokenizer:
         EMA weights when the run kept them, as the run's own evaluations used."""
         run_dir = find_run_dir(path)
         ckpt = resolve_checkpoint(path)
-        cfg = load_config(VQVAERunConfig, run_dir / "config.toml")
+        cfg = load_run_config(run_dir, VQVAERunConfig, "vqvae")
         model = VQVAE(cfg.model, cfg.discriminator())
-        load_weights(model, ckpt, ema=(ckpt / EMA_FILE).is_file())
+        ema = (ckpt / EMA_FILE).is_file()
+        load_weights(model, ckpt, ema=ema)
         model.discriminator = None  # a GAN run's discriminator: training only, never part of the tokenizer
-        return cls(model.to(device), source=str(ckpt), batch_size=batch_size)
+        return cls(model.to(device), source=str(ckpt), batch_size=batch_size,
+                   files=(run_dir / "config.toml", ckpt / (EMA_FILE if ema else MODEL_FILE)))
+
+    def save_copy(self, folder: Path) -> None:
+        """The run's config and the weights loaded, as `folder/config.toml` and `folder/model.safetensors`
+        (a folder from_run reads, to the same fingerprint); written whole or not at all."""
+        if self.files is None:
+            raise UserError("a VQ-VAE held only in memory has no run to copy")
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".partial")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copyfile(self.files[0], tmp / "config.toml")
+            shutil.copyfile(self.files[1], tmp / MODEL_FILE)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        except WRITE_ERRORS as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not copy the VQ-VAE {self.source} to {folder} ({write_failure(e, folder.parent)})") from None
 
     @property
     def device(self) -> torch.device:
