@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from shared.classifier import ClassifierRunConfig, ClassifierTask, build_classifier
+from judge.classifier import ClassifierTask, build_classifier
+from judge.config import ClassifierRunConfig
 from shared.config import load_config
 from shared.ema import EMA
 from shared.images import ImageBatches, load_images

@@ -57,7 +57,7 @@ def main() -> None:
     task = FlowMatchingTask(cfg.flow, cfg.sample, images, images.classes)
     data = ImageBatches(images, cfg.train.batch_size, 0, hflip=cfg.data.hflip)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, task, data, cfg.train, cfg.optim, tmp, split_kwargs={"adam_names": DiT2D.ADAM_NAMES}, quiet=True)
+        trainer = Trainer(model, task, data, cfg.train, cfg.optim, tmp, quiet=True)
         trainer.total_steps = args.warmup + args.steps  # the schedule's length; the rate does not depend on it
         t0 = time.perf_counter()
         for _ in range(args.warmup):

@@ -41,6 +41,7 @@ from llm.config import LLMRunConfig
 from llm.model import Decoder, matmul_flops_per_token
 from llm.task import LanguageModelTask
 from shared.config import load_config
+from shared.contracts import BatchSource
 from shared.errors import UserError, run_main
 from shared.losses import linear_cross_entropy
 from shared.trainer import Trainer, count_params, hardware_info, pick_device, pick_dtype
@@ -52,7 +53,7 @@ PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H2
              ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12))
 
 
-class RandomTokens:
+class RandomTokens(BatchSource):
     def __init__(self, vocab: int, batch: int, seq: int):
         self.vocab, self.batch, self.seq = vocab, batch, seq
         self.units_per_batch = batch * seq

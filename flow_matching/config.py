@@ -8,23 +8,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.errors import ConfigError
+from shared.grid import GridSampleConfig
+from shared.images import ImageDataConfig
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig
 
 from .dit import DiTConfig
 from .sampling import SAMPLERS, TIME_GRIDS
-
-
-@dataclass
-class ImageDataConfig:
-    source: str = "builtin"  # builtin | cifar10 | PATH of an image folder (see shared/images.py)
-    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
-    hflip: bool = True  # random horizontal flips of training images
-    eval_images: int = 1000  # held-out images (test split) for the evaluation loss
-
-    def __post_init__(self):
-        if self.eval_images <= 0:
-            raise ConfigError(f"data.eval_images must be positive, got {self.eval_images}")
 
 
 @dataclass
@@ -54,23 +44,22 @@ class FlowConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(GridSampleConfig):
     """Class grids drawn during training (every train.sample_every images) with the EMA weights."""
 
-    per_class: int = 8
-    num_steps: int = 50
     cfg_scale: float = 1.5
+    num_steps: int = 50
     sampler: str = "euler"
     time_grid: str = "uniform"
-    seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sample.sampler = {self.sampler!r}: must be one of {list(SAMPLERS)}")
         if self.time_grid not in TIME_GRIDS:
             raise ConfigError(f"sample.time_grid = {self.time_grid!r}: must be one of {list(TIME_GRIDS)}")
-        if self.per_class <= 0 or self.num_steps <= 0:
-            raise ConfigError("sample.per_class and sample.num_steps must be positive")
+        if self.num_steps <= 0:
+            raise ConfigError(f"sample.num_steps must be positive, got {self.num_steps}")
 
 
 @dataclass

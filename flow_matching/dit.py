@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from shared.blocks import Block, RMSNorm, init_weights, modulate, rope_2d, sinusoidal_embedding
+from shared.blocks import (
+    Block,
+    RMSNorm,
+    init_weights,
+    modulate,
+    rope_2d,
+    sinusoidal_embedding,
+)
+from shared.contracts import ModelHooks
 from shared.errors import ConfigError
 
 TIME_SCALE = 1000.0  # t in [0, 1] -> [0, 1000] before the sinusoidal features (see point 2 above)
@@ -92,7 +100,7 @@ class FinalLayer(nn.Module):
         return self.head(modulate(self.norm(x), shift, scale))
 
 
-class DiT2D(nn.Module):
+class DiT2D(ModelHooks, nn.Module):
     # parameters that AdamW should train although they are 2-D (see shared.optim.split_params):
     # the input projection and the output head; the class table is an nn.Embedding already
     ADAM_NAMES = ("patch_embed", "head")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.contracts import Task
 from shared.grid import class_grid
 from shared.images import ImageSet, save_png, to_float, to_uint8
 from shared.metrics import MetricsLogger
@@ -18,7 +19,7 @@ from .path import StraightPath, drop_labels, time_sampler
 from .sampling import sample
 
 
-class FlowMatchingTask:
+class FlowMatchingTask(Task):
     unit = "images"
 
     def __init__(self, flow: FlowConfig, sample_cfg: SampleConfig, eval_set: ImageSet, classes: tuple[str, ...],

@@ -1,5 +1,7 @@
 """Text data: documents streamed from a source (llm/sources.py), split by document, tokenised once
-into a memory-mapped cache in bounded memory, and packed into fixed-length rows.
+into a memory-mapped cache in bounded memory, and packed into fixed-length rows. A pre-tokenised
+source (data.ids_field) is read as rows of ids instead (llm/pretokenized.py); `open_text_data`
+gives a run either kind.
 """
 
 from __future__ import annotations
@@ -11,16 +13,23 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
 from shared.cache import Stale, build_once, cache_root, check_folder
+from shared.contracts import BatchSource
 from shared.epochs import EpochOrder
 from shared.errors import ConfigError, UserError
 
-from .sources import describe_source, is_validation, iter_pieces, source_identity, training_text
+from .sources import (
+    describe_source,
+    is_validation,
+    iter_pieces,
+    source_identity,
+    training_text,
+)
 from .tokenizer import TextTokenizer, load_tokenizer
 
 CACHE_VERSION = 3
@@ -41,6 +50,16 @@ class TextDataConfig:
     builtin_docs: int = 6000
     doc_mask: bool = False  # attention stays inside each document of a packed row
     cache_dir: str = ""  # "" = an automatic folder under $BLUEBERRY_CACHE (default .cache/blueberry)
+    # pre-tokenised sources (llm/pretokenized.py): rows of token ids, seq_len + 1 of them each, kept whole
+    ids_field: str = ""  # the column of token-id lists (5-dollar-llm's: "input_ids"); "" = the source is text
+    # "hash": Blueberry's split (by a hash of each document or row); "train_test_split": 5-dollar-llm's
+    # (datasets' train_test_split of the rows at test_size val_fraction, their loader's order and validation rows)
+    split: Literal["hash", "train_test_split"] = "hash"
+    split_seed: int = 42  # train_test_split's seed
+    order_seed: int = 42  # train_test_split: the seed of 5-dollar-llm's DataLoader generator (the training order)
+    rows: int = 0  # pre-tokenised: read the first this-many rows (0 = all)
+    all_rows_above: int = 0  # pre-tokenised: a budget above this many tokens reads every row instead (0 = never)
+    val_rows: int = 800  # pre-tokenised: rows evaluated (5-dollar-llm: its first 100 batches of 8)
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -49,6 +68,13 @@ class TextDataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_tokens < 1 or self.max_tokens < 0:
             raise ConfigError("data.val_tokens must be positive and data.max_tokens non-negative")
+        if min(self.rows, self.all_rows_above) < 0 or self.val_rows < 1:
+            raise ConfigError("data.rows and data.all_rows_above must not be negative, data.val_rows must be positive")
+        if self.split == "train_test_split" and not self.ids_field:
+            raise ConfigError("data.split = \"train_test_split\" splits the rows of a pre-tokenised source: set "
+                              "data.ids_field (5-dollar-llm's rows: \"input_ids\")")
+        if self.ids_field and self.max_tokens:
+            raise ConfigError("data.max_tokens is for text sources; a pre-tokenised source reads data.rows rows")
 
 
 def _key(*parts: object) -> str:
@@ -94,7 +120,7 @@ class _Writer:
         self.pending: list[tuple[str, bool]] = []
         self.pending_chars = 0
 
-    def add(self, text: str, last: bool, first: bool) -> None:
+    def add(self, text: str, first: bool, last: bool) -> None:
         self.docs += first
         self.pending.append((text, last))
         self.pending_chars += len(text)
@@ -148,7 +174,7 @@ def _stream(out: dict[str, _Writer], cfg: TextDataConfig, need: int, log: Callab
                 side = None if train_full else out["train"]
             skipped += side is None
         if side is not None:
-            side.add(text, last, first)
+            side.add(text, first, last)
             if side is out["val"]:
                 side.flush()  # exact validation counts: the quota decides which documents validate
         chars += len(text)
@@ -165,7 +191,8 @@ def _stream(out: dict[str, _Writer], cfg: TextDataConfig, need: int, log: Callab
             **{f"{s}_tokens": w.tokens for s, w in out.items()}, **{f"{s}_docs": w.docs for s, w in out.items()}}
 
 
-CACHE_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer.json"}  # everything a token cache folder holds
+# everything a token cache folder holds (a row cache of pre-tokenised data: rows.bin and hash.bin)
+CACHE_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer.json", "rows.bin", "hash.bin"}
 META_KEYS = ("identity", "identity_key", "tokenizer", "tokenizer_fingerprint", "dtype", "complete", "train_tokens",
              "val_tokens", "train_docs", "val_docs")
 
@@ -225,8 +252,9 @@ def _rebuildable(where: Path, own: bool, damage: str) -> Stale:
     return Stale(f"the token cache {where} is unusable ({damage}): building it again")
 
 
-def _read_cache(where: Path, tok: TextTokenizer, identity_key: str, need: int, own: bool) -> dict | None:
-    """The meta.json of a whole cache in `where` that serves this run; None when there is none yet."""
+def read_meta_json(where: Path, own: bool) -> dict | None:
+    """A cache folder's meta.json as a dict; None for no folder (or an empty one). A missing or
+    unreadable file is a cache to rebuild (ours) or refused (a user's folder)."""
     if not where.is_dir() or not any(where.iterdir()):
         return None
     try:
@@ -237,6 +265,14 @@ def _read_cache(where: Path, tok: TextTokenizer, identity_key: str, need: int, o
         raise _rebuildable(where, own, "no meta.json") from None
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise _rebuildable(where, own, f"meta.json is unreadable: {e}") from None
+    return meta
+
+
+def _read_cache(where: Path, tok: TextTokenizer, identity_key: str, need: int, own: bool) -> dict | None:
+    """The meta.json of a whole cache in `where` that serves this run; None when there is none yet."""
+    meta = read_meta_json(where, own)
+    if meta is None:
+        return None
     damage = _damage(meta, where)
     if damage:
         raise _rebuildable(where, own, damage)
@@ -303,7 +339,7 @@ def prepare_data(cfg: TextDataConfig, log: Callable = _print) -> TokenCache:
 # ---------------------------------------------------------------------------------- batches
 
 
-class PackedBatches:
+class PackedBatches(BatchSource):
     """Random rows of seq_len + 1 tokens from the packed training stream, epoch by epoch.
 
     The order is a pure function of (seed, epoch), so the position (epoch, cursor) is all that a
@@ -349,3 +385,51 @@ def validation_rows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> torch.
                         "raise data.val_fraction or data.val_tokens, or lower data.seq_len")
     idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None]
     return torch.from_numpy(np.asarray(tokens[: rows * seq_len + 1])[idx].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------- a run's data
+
+
+@dataclass
+class TextData:
+    """What a training run takes from its data, whichever kind of source it has."""
+
+    tokenizer: TextTokenizer
+    description: str
+    lines: list[str]  # what the run prints about its data
+    train: BatchSource
+    val: torch.Tensor  # the fixed validation rows [n, seq_len + 1]
+    identity: dict  # what was trained and evaluated on, with a content hash (the run's data.json)
+
+
+def content_hash(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' bytes, read a slice at a time (they may be memory maps of gigabytes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        flat = a.reshape(-1)
+        step = max(1, (16 << 20) // max(1, flat.itemsize))
+        for i in range(0, len(flat), step):
+            h.update(np.ascontiguousarray(flat[i:i + step]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def open_text_data(cfg: TextDataConfig, batch_size: int, seed: int, budget: int, log: Callable = _print) -> TextData:
+    """The training batches and validation rows of a data config: a pre-tokenised source's rows
+    (llm/pretokenized.py) or a text source's packed token stream."""
+    if cfg.ids_field:
+        from .pretokenized import open_rows  # it builds on this module
+
+        return open_rows(cfg, batch_size, seed, budget, log)
+    cache = prepare_data(cfg, log)
+    tok = cache.tokenizer
+    train, val_tokens = cache.tokens("train"), cache.tokens("val")
+    lines = [f"data: {cache.description}",
+             f"tokens: {len(train):,} train / {len(val_tokens):,} validation "
+             f"({cache.meta['train_docs']:,} / {cache.meta['val_docs']:,} documents in the cache)"]
+    if len(val_tokens) < 16 * (cfg.seq_len + 1):
+        lines.append(f"warning: only {len(val_tokens):,} validation tokens, a noisy estimate; raise data.val_fraction")
+    val = validation_rows(val_tokens, cfg.seq_len, cfg.val_tokens)
+    identity = {"source": cfg.source, "tokenizer": tok.spec, "tokenizer_fingerprint": tok.fingerprint, "split": "hash",
+                "seq_len": cfg.seq_len, "train_tokens": len(train), "val_predictions": int(val.shape[0] * cfg.seq_len),
+                "sha256": content_hash(train, val_tokens[:val.shape[0] * cfg.seq_len + 1])}
+    return TextData(tok, cache.description, lines, PackedBatches(train, cfg.seq_len, batch_size, seed), val, identity)

@@ -25,7 +25,6 @@ rows (a local copy of the dataset, e.g. its parquet export); they are read as th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -38,9 +37,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shared.errors import UserError
-from shared.hub import require_hub
+from shared.hub import hub_failure, require_hub
 
-from .sources import CONNECTION_ERRORS
+from .sources import jsonl_rows, parquet_rows
 from .tokenizer import TextTokenizer
 
 DELIMITER = " "  # between a context and a choice (lm-evaluation-harness's target_delimiter)
@@ -205,32 +204,11 @@ def _convert(name: str, row: dict, where: str, local: bool) -> Example:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i} is not valid JSON ({e.msg}); expected {SCHEMA}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i} is not a JSON object; expected {SCHEMA}")
-            yield f"{path}:{i}", row
+    return ((f"{path}:{i}", row) for i, row in jsonl_rows(path, SCHEMA))
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        n = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                n += 1
-                yield f"{path} row {n}", row
-    except pa.ArrowException as e:
-        raise UserError(f"{path} is not a readable parquet file: {e}") from None
+    return ((f"{path} row {n}", row) for n, row in enumerate(parquet_rows(path), 1))
 
 
 def load_local(name: str, path: Path, limit: int = 0) -> Task:
@@ -266,10 +244,9 @@ def load_hub(name: str, limit: int = 0) -> Task:
     try:
         rows = datasets.load_dataset(task.dataset, task.config, split=split)
     except Exception as e:  # DatasetNotFoundError, a missing config, connection errors...
-        kind, message = type(e).__name__, (str(e).strip().splitlines() or [""])[0][:300]
-        lost = kind in CONNECTION_ERRORS or isinstance(e, (ConnectionError, TimeoutError))
+        what, lost = hub_failure(e)
         raise UserError(f"could not load {task.describe()} for task {name!r} from the Hugging Face Hub "
-                        f"({kind}: {message})" + (f"; give a local copy as --tasks {name}=PATH" if lost else "")) from None
+                        f"({what})" + (f"; give a local copy as --tasks {name}=PATH" if lost else "")) from None
     examples = [_convert(name, row, f"{task.describe()} row {i + 1}", local=False) for i, row in enumerate(rows)]
     return Task(name, task.describe(), examples)
 

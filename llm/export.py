@@ -10,9 +10,9 @@ Three layouts, chosen from the run's architecture:
                         with trust_remote_code=True
 
 Qwen3 and Llama rotate the two halves of each head (i, i + D/2), as shared.blocks does, with the
-same inverse frequencies, so the weights move over unchanged. Options that only initialise
-(depth_init, zero_init_out, init_std) leave the trained weights in a standard layout. Mixtures of
-experts are refused. An export holds config.json, generation_config.json, model.safetensors (fp32),
+same inverse frequencies, so the weights move over unchanged. Options that only initialise or
+train (depth_init, zero_init_out, init_std, merged_qkvo) leave the trained weights in a standard
+layout. Mixtures of experts are refused. An export holds config.json, generation_config.json, model.safetensors (fp32),
 tokenizer.json (which puts end-of-text before a text, where training documents start),
 tokenizer_config.json, the run's resolved config as training_config.toml and a model card, README.md.
 """
@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, processors
 
 from shared.checkpoint import resolve_checkpoint
 from shared.errors import UserError
-from shared.hub import hub_endpoint, require_hub
+from shared.hub import hub_endpoint, hub_failure, require_hub
 from shared.run import check_output, find_run_dir
 
 from .load import LLMRun
@@ -41,12 +41,13 @@ from .tokenizer import TextTokenizer
 
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_blueberry.py", "modeling_blueberry.py")
-# options that change the forward pass; the others (depth_init, zero_init_out, init_std) only initialise
+# options that change the forward pass; the others (depth_init, zero_init_out, init_std, merged_qkvo) only
+# initialise or train
 FORWARD_OPTIONS = ("gated_attn", "sandwich_norm", "embed_scale", "value_embeds", "residual_scalars", "logit_softcap")
 
 
 def check_exportable(model: Decoder) -> None:
-    if model.cfg.moe_experts:
+    if model.cfg.moe is not None:
         raise UserError("this run is a mixture of experts: export maps dense models only; a Qwen3-MoE mapping is "
                         "not written yet")
 
@@ -327,6 +328,5 @@ def push_to_hub(folder: str | Path, repo: str, private: bool = False, token: str
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = ("; log in with `hf auth login` or set HF_TOKEN to a token that can write to it"
                 if status in (401, 403) else "")
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"could not push {folder} to {repo} on {endpoint} ({type(e).__name__}: {first}){hint}") from None
+        raise UserError(f"could not push {folder} to {repo} on {endpoint} ({hub_failure(e)[0]}){hint}") from None
     return f"{endpoint.rstrip('/')}/{url.repo_id}"

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.blocks import MLPS, Block, KVCache, RMSNorm, document_causal_mask, init_weights, rope_1d
+from shared.blocks import (
+    MLPS,
+    Block,
+    KVCache,
+    RMSNorm,
+    document_causal_mask,
+    init_weights,
+    rope_1d,
+)
+from shared.contracts import ModelHooks
 from shared.errors import ConfigError
 from shared.losses import linear_cross_entropy
-from shared.moe import MoE
+from shared.moe import MoE, MoEConfig
 
 
 @dataclass
@@ -30,16 +39,7 @@ class DecoderConfig:
     init_std: float = 0.02
     vocab_size: int = 0  # 0: taken from the tokenizer when the run is built
     loss_chunk: int = 4096  # tokens per chunk of the fused output layer + loss in training; 0 = full fp32 logits
-    # mixture of experts (shared/moe.py): 0 experts = dense MLPs everywhere
-    moe_experts: int = 0
-    moe_top_k: int = 2
-    moe_hidden: int = 0  # each expert's hidden width; 0 = mlp_hidden
-    moe_shared_experts: int = 0  # dense experts every token passes through, beside the routed ones
-    moe_dense_layers: int = 0  # the first layers keep a dense MLP
-    moe_capacity_factor: float = 0.0  # 0 = dropless
-    moe_aux_weight: float = 0.01  # Switch load-balancing loss
-    moe_z_weight: float = 1e-3  # router z-loss
-    moe_bias_rate: float = 0.0  # auxiliary-loss-free balancing step (1e-3 as in DeepSeek-V3); 0 = off
+    moe: MoEConfig | None = None  # [model.moe]: mixture-of-experts MLPs (shared/moe.py); None = dense
     # architecture options, all off by default (benchmarks/results/llm_architecture.md measures them)
     mlp_hidden_last: int = 0  # pyramid: dense MLP widths grow linearly from mlp_hidden to this at the last layer
     depth_init: bool = False  # output projections start at init_std / sqrt(2 (layer + 1)), not at zero
@@ -49,8 +49,18 @@ class DecoderConfig:
     value_embeds: int = 0  # N value-embedding tables, added to the values of the first N and last N layers
     residual_scalars: bool = False  # learnable x = a_i x + b_i x0 before block i (a = 1, b = 0 at start)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
+    # Muon orthogonalises each block's q, k, v and o as one [q + 2 kv + o, d] matrix, as 5-dollar-llm's
+    # merged qkvo parameter has it (the weights stay four matrices: checkpoints and exports are unchanged)
+    merged_qkvo: bool = False
+
+    # old runs' config.toml files (and old overrides) wrote the MoE settings flat, as moe_experts, ...
+    RENAMED: ClassVar[dict[str, str]] = {f"moe_{k}": f"moe.{k}" for k in (
+        "experts", "top_k", "hidden", "shared_experts", "dense_layers", "capacity_factor", "aux_weight", "z_weight",
+        "bias_rate")}
 
     def __post_init__(self):
+        if self.moe is not None and self.moe.experts == 0:
+            self.moe = None  # no experts: dense
         if min(self.n_heads, self.n_kv_heads) <= 0:
             raise ConfigError(f"model.n_heads ({self.n_heads}) and model.n_kv_heads ({self.n_kv_heads}) must be positive")
         if self.d_model % self.n_heads:
@@ -69,19 +79,13 @@ class DecoderConfig:
             raise ConfigError(f"model.value_embeds ({self.value_embeds}) exceeds n_layers ({self.n_layers})")
         if self.depth_init and self.zero_init_out:
             raise ConfigError("model.depth_init sets the output projections' scale; it needs model.zero_init_out = false")
-        if self.moe_experts:
-            if not 1 <= self.moe_top_k <= self.moe_experts:
-                raise ConfigError(f"model.moe_top_k must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
-            if min(self.moe_hidden, self.moe_shared_experts, self.moe_dense_layers) < 0 or self.moe_experts < 0:
-                raise ConfigError("model: moe_experts, moe_hidden, moe_shared_experts and moe_dense_layers must not be negative")
-            for name in ("moe_capacity_factor", "moe_aux_weight", "moe_z_weight", "moe_bias_rate"):
-                if not 0.0 <= getattr(self, name) < float("inf"):  # NaN fails too
-                    raise ConfigError(f"model.{name} must be a finite number >= 0, got {getattr(self, name)}")
-            if 0 < self.moe_capacity_factor < 1:
-                raise ConfigError(f"model.moe_capacity_factor must be 0 (dropless) or at least 1, got {self.moe_capacity_factor}")
 
 
-class Decoder(nn.Module):
+class Decoder(ModelHooks, nn.Module):
+    # 2-D weights AdamW trains, not Muon (shared.optim.split_params): the output head (an untied
+    # one; a tied one is the embedding) and the MoE routers; embeddings are nn.Embedding already
+    ADAM_NAMES = ("lm_head", "router")
+
     def __init__(self, cfg: DecoderConfig, max_seq_len: int):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -138,16 +142,22 @@ class Decoder(nn.Module):
         return cap * torch.tanh(out.float() / cap) if cap else out
 
     def _mlp(self, layer: int) -> str | nn.Module:
-        c = self.cfg
-        if not c.moe_experts or layer < c.moe_dense_layers:
+        c, m = self.cfg, self.cfg.moe
+        if m is None or layer < m.dense_layers:
             return c.mlp
-        hidden = c.moe_hidden or c.mlp_hidden
-        shared = MLPS[c.mlp](c.d_model, hidden * c.moe_shared_experts) if c.moe_shared_experts else None
-        return MoE(c.d_model, hidden, c.moe_experts, c.moe_top_k, mlp=c.mlp, capacity_factor=c.moe_capacity_factor,
-                   aux_weight=c.moe_aux_weight, z_weight=c.moe_z_weight, bias_rate=c.moe_bias_rate, shared_mlp=shared)
+        hidden = m.hidden or c.mlp_hidden
+        shared = MLPS[c.mlp](c.d_model, hidden * m.shared_experts) if m.shared_experts else None
+        return MoE(c.d_model, hidden, m.experts, m.top_k, mlp=c.mlp, capacity_factor=m.capacity_factor,
+                   aux_weight=m.aux_weight, z_weight=m.z_weight, bias_rate=m.bias_rate, shared_mlp=shared)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, b.mlp) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
+
+    def muon_merged(self) -> list[list[nn.Parameter]]:
+        """With merged_qkvo: each block's q, k, v, o weights, in 5-dollar-llm's row order."""
+        if not self.cfg.merged_qkvo:
+            return []
+        return [[b.attn.q.weight, b.attn.k.weight, b.attn.v.weight, b.attn.o.weight] for b in self.blocks]
 
     def after_optimizer_step(self) -> None:
         """Called by the trainer after each update: the MoE balancing biases move."""
@@ -184,21 +194,21 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {start + t} tokens exceeds the model's max_seq_len {self.max_seq_len}")
         if doc_ids is not None and cache is not None:
             raise ValueError("document masking is for training rows, not cached decoding")
-        rope = self.rope_tables(idx, start, cache)
-        mask = document_causal_mask(doc_ids) if doc_ids is not None else None
-        x = self.tok_emb(idx)
+        rope = self.rope_tables(idx, start, cache)  # cos, sin [T, hd/2] (or [B, T, hd/2])
+        mask = document_causal_mask(doc_ids) if doc_ids is not None else None  # [B, 1, T, T] or a block mask
+        x = self.tok_emb(idx)  # [B, T, D]
         if self.cfg.embed_scale:
             x = x * self.cfg.d_model ** 0.5
-        x0 = x
+        x0 = x  # [B, T, D]
         for i, block in enumerate(self.blocks):
             if self.cfg.residual_scalars:
                 x = self.resid_scale[i] * x + self.x0_scale[i] * x0
             table = self.value_table(i)
-            ve = self.value_embeds[table](idx) if table is not None else None
-            x = block(x, rope, cache, i, mask=mask, value_extra=ve)
+            ve = self.value_embeds[table](idx) if table is not None else None  # [B, T, kv_heads * hd]
+            x = block(x, rope, cache, i, mask=mask, value_extra=ve)  # [B, T, D]
         if cache is not None:
             cache.pos += t
-        return self.norm(x)
+        return self.norm(x)  # [B, T, D]
 
     def rope_tables(self, idx: torch.Tensor, start: int, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for tokens idx at positions start.. (1-D); a subclass may place tokens elsewhere."""

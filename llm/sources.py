@@ -5,6 +5,13 @@ Data specs (`data.source` or `--data`):
   hf:OWNER/NAME[:CONFIG]       a Hugging Face dataset, streamed (e.g. hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2)
   PATH                         a .txt / .jsonl / .parquet file, or a folder of them (searched recursively)
 
+With `data.ids_field` set the source is pre-tokenised (TokenRowsSource): its rows hold token ids in
+that column, from the Hub, a folder written by datasets' save_to_disk, or .parquet / .jsonl files.
+
+Each kind is one small class (BuiltinSource, HubSource, LocalSource, TokenRowsSource) with the
+things a run asks of it: `identity()` (what a token cache was read from), `pieces()` (text) or
+`rows()` (token ids) and `describe()`; `open_source` turns a spec into one.
+
 A source yields pieces `(text, first, last)`: a document longer than PIECE_CHARS (a book-sized .txt
 file is one document) arrives in pieces cut at line ends, so a corpus of any size, and a document
 of any size, is read and tokenised in bounded memory. Tokens can differ from tokenising the whole
@@ -19,10 +26,12 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
 
 from shared.errors import UserError
-from shared.hub import require_hub
+from shared.hub import hub_failure, require_hub
 
 from .corpus import generate_corpus
 
@@ -51,25 +60,6 @@ def local_files(path: Path) -> list[Path]:
     if not files:
         raise UserError(f"no {'/'.join(SUFFIXES)} files under {path}")
     return files
-
-
-# Checked local text: a cache read before files were checked may hold a binary file's bytes as text,
-# so the identity says the files were checked and such a cache is read again.
-TEXT_CHECK = 1
-
-
-def source_identity(source: str, text_field: str, builtin_docs: int, skip_undecodable: bool = False) -> dict:
-    """What a token cache was read from. Local files count by path, size and modification time,
-    so an edited file is read again; a Hub dataset by its name."""
-    if source == "builtin":
-        return {"source": source, "builtin_docs": builtin_docs}
-    if source.startswith("hf:"):
-        return {"source": source, "text_field": text_field}
-    root = Path(source).expanduser()
-    files = local_files(root)
-    stats = [[str(f.relative_to(root)) if f != root else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    out = {"source": str(root.resolve()), "text_field": text_field, "files": stats, "text_check": TEXT_CHECK}
-    return {**out, "skip_undecodable": True} if skip_undecodable else out
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -184,35 +174,19 @@ def _split(text: str) -> Iterator[Piece]:
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:  # checked first, as .txt files are
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{i + 1} is not a JSON object with a {field!r} field") from None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{i + 1}: field {field!r} holds {type(text).__name__}, not text")
-            if text:
-                yield text
+    expected = f"a JSON object with a {field!r} field"
+    for i, row in jsonl_rows(path, expected, errors="replace"):  # checked first, as .txt files are
+        if field not in row:
+            raise UserError(f"{path}:{i} is not {expected}")
+        text = row[field]
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{i}: field {field!r} holds {type(text).__name__}, not text")
+        if text:
+            yield text
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-        if field not in pf.schema_arrow.names:
-            raise UserError(f"{path} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-        kind = pf.schema_arrow.field(field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"{path}: column {field!r} holds {kind}, not text")
-        for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-            yield from (t for t in batch.column(0).to_pylist() if t)
-    except pa.ArrowException as e:
-        raise UserError(f"{path} is not a readable parquet file: {e}") from None
+    return (t for t in parquet_rows(path, field) if t)
 
 
 def _file_pieces(path: Path, field: str, skip_undecodable: bool, note: Callable) -> Iterator[Piece]:
@@ -228,19 +202,14 @@ def _file_pieces(path: Path, field: str, skip_undecodable: bool, note: Callable)
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-CONNECTION_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ConnectError", "TimeoutError",
-                     "RemoteDisconnected", "ChunkedEncodingError", "OfflineModeIsEnabled")
-
-
 def _hub_failure(name: str, e: Exception) -> UserError:
     """The Hub's own message (a misspelled config name says so); the offline options only when the
     failure is the connection."""
-    message = (str(e).strip().splitlines() or [""])[0][:300]
-    kind = type(e).__name__
-    if kind in CONNECTION_ERRORS or isinstance(e, (ConnectionError, TimeoutError)):
-        return UserError(f"lost the connection to the Hugging Face Hub while streaming {name!r} ({kind}: {message}); "
+    what, lost = hub_failure(e)
+    if lost:
+        return UserError(f"lost the connection to the Hugging Face Hub while streaming {name!r} ({what}); "
                          f"{OFFLINE_OPTIONS}")
-    return UserError(f"could not stream {name!r} from the Hugging Face Hub: {kind}: {message}")
+    return UserError(f"could not stream {name!r} from the Hugging Face Hub: {what}")
 
 
 def _hub_pieces(spec: str, field: str) -> Iterator[Piece]:
@@ -267,23 +236,140 @@ def _hub_pieces(spec: str, field: str) -> Iterator[Piece]:
             yield from _split(row[field])
 
 
+# ---------------------------------------------------------------------------------- sources
+
+# Checked local text: a cache read before files were checked may hold a binary file's bytes as text,
+# so the identity says the files were checked and such a cache is read again.
+TEXT_CHECK = 1
+
+
+class Source(Protocol):
+    def identity(self) -> dict:
+        """What a token cache was read from: the cache's name follows it, so it never changes for
+        the same data (existing caches keep their names)."""
+
+    def pieces(self, note: Callable = _print) -> Iterator[Piece]:
+        """Every piece of the source; `note` hears about replaced bytes and skipped files."""
+
+    def describe(self) -> str:
+        """The source in words, for the run's output."""
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    docs: int
+
+    def identity(self) -> dict:
+        return {"source": "builtin", "builtin_docs": self.docs}
+
+    def pieces(self, note: Callable = _print) -> Iterator[Piece]:
+        return (p for d in generate_corpus(self.docs) for p in _split(d))
+
+    def describe(self) -> str:
+        return f"built-in generated corpus ({self.docs} documents)"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    spec: str  # OWNER/NAME[:CONFIG], without the "hf:"
+    text_field: str
+
+    def identity(self) -> dict:
+        return {"source": f"hf:{self.spec}", "text_field": self.text_field}
+
+    def pieces(self, note: Callable = _print) -> Iterator[Piece]:
+        return _hub_pieces(self.spec, self.text_field)
+
+    def describe(self) -> str:
+        return f"Hugging Face dataset {self.spec} (streamed)"
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """A file or a folder of them. Files count by path, size and modification time, so an edited
+    file is read again."""
+
+    root: Path
+    text_field: str
+    skip_undecodable: bool = False  # leave out files that are not UTF-8 text instead of refusing them
+
+    def identity(self) -> dict:
+        root = self.root
+        stats = [[str(f.relative_to(root)) if f != root else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                 for f in local_files(root)]
+        out = {"source": str(root.resolve()), "text_field": self.text_field, "files": stats, "text_check": TEXT_CHECK}
+        return {**out, "skip_undecodable": True} if self.skip_undecodable else out
+
+    def pieces(self, note: Callable = _print) -> Iterator[Piece]:
+        files = local_files(self.root)
+        return (p for f in files for p in _file_pieces(f, self.text_field, self.skip_undecodable, note))
+
+    def describe(self) -> str:
+        return f"local files at {self.root}"
+
+
+@dataclass(frozen=True)
+class TokenRowsSource:
+    """Pre-tokenised rows: each holds a list of token ids in column `ids_field`, read in batches as
+    stored (bounded memory, no tokenizer). `spec` is hf:OWNER/NAME[:CONFIG] (streamed), a folder
+    written by datasets' save_to_disk (a DatasetDict's "train" split), a .parquet or .jsonl file, or
+    a folder of them. Local files count by path, size and modification time, as LocalSource's do."""
+
+    spec: str
+    ids_field: str
+
+    def identity(self) -> dict:
+        if self.spec.startswith("hf:"):
+            return {"source": self.spec, "ids_field": self.ids_field}
+        root = Path(self.spec).expanduser()
+        files = _row_files(root)
+        stats = [[str(f.relative_to(root)) if f != root else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        return {"source": str(root.resolve()), "ids_field": self.ids_field, "files": stats}
+
+    def rows(self) -> Iterator[RowBatch]:
+        """Batches of rows as (lengths [k], ids [sum of lengths]), in the source's order."""
+        if self.spec.startswith("hf:"):
+            return _hub_rows(self.spec[3:], self.ids_field)
+        root = Path(self.spec).expanduser()
+        return (b for f in _row_files(root) for b in _file_rows(f, self.ids_field))
+
+    def pieces(self, note: Callable = _print) -> Iterator[Piece]:
+        raise UserError(f"{self.spec} holds token ids (data.ids_field = {self.ids_field!r}), not text")
+
+    def describe(self) -> str:
+        where = f"Hugging Face dataset {self.spec[3:]} (streamed)" if self.spec.startswith("hf:") else f"{self.spec}"
+        return f"pre-tokenised rows of {where}, column {self.ids_field!r}"
+
+
+def open_source(source: str, text_field: str, builtin_docs: int, skip_undecodable: bool = False,
+                ids_field: str = "") -> Source:
+    """The source a data spec names (the module docstring lists the specs); with `ids_field`, its
+    rows are token ids."""
+    if ids_field:
+        if source == "builtin":
+            raise UserError("the built-in corpus is text: leave data.ids_field empty, or give a pre-tokenised --data")
+        return TokenRowsSource(source, ids_field)
+    if source == "builtin":
+        return BuiltinSource(builtin_docs)
+    if source.startswith("hf:"):
+        return HubSource(source[3:], text_field)
+    return LocalSource(Path(source).expanduser(), text_field, skip_undecodable)
+
+
+def source_identity(source: str, text_field: str, builtin_docs: int, skip_undecodable: bool = False) -> dict:
+    """What a token cache of this spec is read from (Source.identity)."""
+    return open_source(source, text_field, builtin_docs, skip_undecodable).identity()
+
+
 def iter_pieces(source: str, text_field: str, builtin_docs: int, skip_undecodable: bool = False,
                 note: Callable = _print) -> Iterator[Piece]:
-    """Every piece of the source. `note` hears about replaced bytes and skipped files."""
-    if source == "builtin":
-        return (p for d in generate_corpus(builtin_docs) for p in _split(d))
-    if source.startswith("hf:"):
-        return _hub_pieces(source[3:], text_field)
-    files = local_files(Path(source).expanduser())
-    return (p for f in files for p in _file_pieces(f, text_field, skip_undecodable, note))
+    """Every piece of the spec's source; `note` hears about replaced bytes and skipped files."""
+    return open_source(source, text_field, builtin_docs, skip_undecodable).pieces(note)
 
 
 def describe_source(source: str, builtin_docs: int) -> str:
-    if source == "builtin":
-        return f"built-in generated corpus ({builtin_docs} documents)"
-    if source.startswith("hf:"):
-        return f"Hugging Face dataset {source[3:]} (streamed)"
-    return f"local files at {Path(source).expanduser()}"
+    """The spec's source in words."""
+    return open_source(source, "text", builtin_docs).describe()
 
 
 def training_text(source: str, text_field: str, builtin_docs: int, fraction: float, max_chars: int,
@@ -298,3 +384,178 @@ def training_text(source: str, text_field: str, builtin_docs: int, fraction: flo
         if keep:
             chars += len(text)
             yield text
+
+
+# ---------------------------------------------------------------------------------- file formats
+
+
+def jsonl_rows(path: Path, expected: str, errors: str = "strict") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a .jsonl file; a line that is not a JSON
+    object is refused in one line naming it and `expected`, what a row should be."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i} is not valid JSON ({e.msg}); expected {expected}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i} is not a JSON object; expected {expected}")
+            yield i, row
+
+
+def parquet_rows(path: Path, text_column: str | None = None) -> Iterator:
+    """The rows of a .parquet file as dicts or, given `text_column`, that column's values (which must
+    be text); an unreadable file is refused in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        if text_column is not None:
+            _check_text_column(path, pf.schema_arrow, text_column)
+        columns = None if text_column is None else [text_column]
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            yield from batch.to_pylist() if text_column is None else batch.column(0).to_pylist()
+    except pa.ArrowException as e:
+        raise UserError(f"{path} is not a readable parquet file: {e}") from None
+
+
+def _check_text_column(path: Path, schema, name: str) -> None:
+    import pyarrow as pa
+
+    if name not in schema.names:
+        raise UserError(f"{path} has no column {name!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(name).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}: column {name!r} holds {kind}, not text")
+
+
+# ---------------------------------------------------------------------------------- token rows
+
+RowBatch = tuple[np.ndarray, np.ndarray]  # lengths of k rows, their ids one after another
+ROW_BATCH = 1024  # rows per batch read from a .jsonl file or the Hub
+
+
+def _row_files(root: Path) -> list[Path]:
+    """The files a pre-tokenised spec names, in row order: a save_to_disk folder's arrow files (a
+    DatasetDict's train split), or .parquet / .jsonl files."""
+    if not root.exists():
+        raise UserError(f"data path not found: {root}")
+    if root.is_dir() and (root / "dataset_dict.json").is_file():  # a DatasetDict: its train split, as 5-dollar-llm reads it
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise UserError(f"{root} is a dataset with splits {', '.join(splits) or 'none'}, none named train")
+        return _row_files(root / "train")
+    if root.is_dir() and (root / "state.json").is_file():  # datasets' save_to_disk: shards listed in order
+        try:
+            names = [f["filename"] for f in json.loads((root / "state.json").read_text())["_data_files"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{root / 'state.json'} is not the state of a saved dataset") from None
+        return [root / n for n in names]
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+    if not files or any(f.suffix not in (".parquet", ".jsonl") for f in files):
+        raise UserError(f"{root}: pre-tokenised rows come from a save_to_disk folder or .parquet / .jsonl files")
+    return files
+
+
+def _file_rows(path: Path, field: str) -> Iterator[RowBatch]:
+    import pyarrow as pa
+
+    try:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_id_rows(path, field)
+            return
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            _check_ids_column(path, pf.schema_arrow, field)
+            batches = (b.column(0) for b in pf.iter_batches(batch_size=ROW_BATCH, columns=[field]))
+        else:  # an arrow shard of save_to_disk (Arrow's streaming format)
+            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+            _check_ids_column(path, reader.schema, field)
+            batches = (b.column(field) for b in reader)
+        for column in batches:
+            yield _list_rows(column, path)
+    except pa.ArrowException as e:
+        raise UserError(f"{path} is not a readable dataset file: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_ids_column(path: Path, schema, field: str) -> None:
+    import pyarrow as pa
+
+    if field not in schema.names:
+        raise UserError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}): not pre-tokenised "
+                        "rows; for text leave data.ids_field empty")
+    kind = schema.field(field).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+            or not pa.types.is_integer(kind.value_type):
+        raise UserError(f"{path}: column {field!r} holds {kind}, not lists of token ids")
+
+
+def _list_rows(column, where) -> RowBatch:
+    import pyarrow.compute as pc
+
+    if column.null_count:
+        raise UserError(f"{where}: a row of the ids column is empty (null)")
+    return pc.list_value_length(column).to_numpy().astype(np.int64), column.flatten().to_numpy().astype(np.int64)
+
+
+def _id_list(ids: object, where: str, field: str) -> np.ndarray:
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{where}: {field!r} holds {type(ids).__name__}, not a list of token ids")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _batched(rows: Iterator[np.ndarray]) -> Iterator[RowBatch]:
+    batch: list[np.ndarray] = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == ROW_BATCH:
+            yield np.array([len(b) for b in batch]), np.concatenate(batch)
+            batch = []
+    if batch:
+        yield np.array([len(b) for b in batch]), np.concatenate(batch)
+
+
+def _jsonl_id_rows(path: Path, field: str) -> Iterator[RowBatch]:
+    expected = f"a JSON object with a {field!r} list of token ids"
+
+    def rows():
+        for i, row in jsonl_rows(path, expected):
+            if field not in row:
+                raise UserError(f"{path}:{i} has no {field!r} (fields: {', '.join(row)}): not pre-tokenised rows; "
+                                "for text leave data.ids_field empty")
+            yield _id_list(row[field], f"{path}:{i}", field)
+
+    return _batched(rows())
+
+
+def _hub_rows(spec: str, field: str) -> Iterator[RowBatch]:
+    name, _, config = spec.partition(":")
+    require_hub(f"dataset {name!r}", OFFLINE_OPTIONS)
+    import datasets
+
+    try:
+        stream = iter(datasets.load_dataset(name, config or None, split="train", streaming=True))
+    except Exception as e:  # DatasetNotFoundError, ValueError for an unknown config, connection errors...
+        raise _hub_failure(name, e) from None
+
+    def rows():
+        while True:
+            try:
+                row = next(stream)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise _hub_failure(name, e) from None
+            if field not in row:
+                raise UserError(f"dataset {name!r} has no {field!r} field (fields: {', '.join(row)}): not pre-tokenised "
+                                "rows; for text leave data.ids_field empty")
+            yield _id_list(row[field], f"dataset {name!r}", field)
+
+    return _batched(rows())

@@ -3,13 +3,22 @@ spread; a comparison with a recorded baseline by Welch's one-sided t-test (the G
 rule: a change counts when it is better at p < 0.01); and a leaderboard generated from the records.
 
 A record is one JSON file; everything shown (summary, leaderboard) is recomputed from its per-run
-figures, so a record cannot disagree with itself."""
+figures, so a record cannot disagree with itself. A record names its data, split, tokenizer and
+hardware, and holds no absolute path of the machine it ran on: a path in the workspace is written
+relative to the checkout (../shared/data/text), any other by the sha256 of its content.
+
+Two records compare when they trained the same number of tokens on the same data (the same
+resolved [data] table, llm.config.data_keys), whatever their presets: Blueberry's recipe against
+5-dollar-llm's on their benchmark is `--preset blueberry-88m --data_from 5dollar-88m --compare`
+a 5dollar-88m record. 5-dollar-llm's published records are shown beside the leaderboard as a
+reference table (PUBLISHED), never ranked with measured rows."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import tomllib
@@ -18,9 +27,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
 
-from shared.errors import UserError
+from shared.config import apply_overrides, load_toml, renamed
+from shared.errors import ConfigError, UserError
 from shared.run import find_preset
 from shared.stats import mean_std, welch_less
+
+from .config import LLMRunConfig, data_keys
 
 SCHEMA = 1
 ALPHA = 0.01  # modded-nanogpt's bar for a record
@@ -29,6 +41,22 @@ FIGURES = ("loss", "accuracy", "perplexity", "train_time_s")  # per run, summari
 TESTED = {"loss": "loss", "time": "train_time_s"}  # comparison name -> per-run figure
 LEADERBOARD = "LEADERBOARD.md"
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: paths in its workspace are written relative to it
+
+# 5-dollar-llm's published records (docs/LEADERBOARD.md at 4ba324f): the best time per budget, and the
+# best validation loss where another entry has it. One run each, on one RTX 4090.
+PUBLISHED_SOURCE = "Open-Superintelligence-Lab/5-dollar-llm, docs/LEADERBOARD.md at commit 4ba324f"
+PUBLISHED_HARDWARE = "RTX 4090 (Novita AI, Intel Xeon Platinum 8473C)"
+PUBLISHED = (
+    {"budget": 8_000_000, "tokens": 8_011_776, "val_loss": 4.8403, "time": "1m 26.178s", "date": "2025-12-23",
+     "entry": "5, bf16 weights", "best": "4.8363 (entry 3, Polar Muon, 2025-12-22, 1m 28.664s)"},
+    {"budget": 20_000_000, "tokens": 20_004_864, "val_loss": 4.1791, "time": "3m 19.165s", "date": "2025-12-23",
+     "entry": "5, bf16 weights", "best": "4.1756 (entry 5 new eval, 2025-12-24, 3m 50.276s)"},
+    {"budget": 100_000_000, "tokens": 100_007_936, "val_loss": 3.7094, "time": "16m 17.221s", "date": "2025-12-23",
+     "entry": "4, bf16 weights", "best": "3.7094 (the same entry)"},
+    {"budget": 1_000_000_000, "tokens": 1_000_007_680, "val_loss": 3.3583, "time": "2h 42m 49s", "date": "2025-12-23",
+     "entry": "2, bf16 weights", "best": "3.3580 (entry 1, 2025-12-23, 2h 51m 31s)"},
+)
 
 
 def parse_budget(text: str) -> int:
@@ -50,17 +78,21 @@ def format_budget(tokens: int) -> str:
     return str(tokens)
 
 
-def resolve_preset(preset: str) -> Path:
+def resolve_preset(preset: str, flag: str = "--preset") -> Path:
     """A name in configs/llm/ or a path to a TOML file."""
-    path = Path(find_preset(preset, "llm", flag="--preset"))
+    path = Path(find_preset(preset, "llm", flag=flag))
     if not path.is_file():
-        raise UserError(f"--preset {preset!r}: no such file")
+        raise UserError(f"{flag} {preset!r}: no such file")
     return path
 
 
-def derive_label(overrides: list[str]) -> str:
+def derive_label(overrides: list[str], data_from: str | None = None) -> str:
     """'baseline' without overrides, else a file-safe name from them: optim.muon_lr=0.03 -> muon_lr-0.03
-    (a long one is cut, with a hash of all the overrides so that two cut names still differ)."""
+    (a long one is cut, with a hash of all the overrides so that two cut names still differ); on
+    another preset's data, 'on-<that preset>' first."""
+    if data_from:
+        rest = derive_label(overrides)
+        return f"on-{Path(data_from).stem}" + ("" if rest == "baseline" else f"_{rest}")
     if not overrides:
         return "baseline"
     parts = [k.split(".")[-1] + "-" + v.strip().strip("\"'") for k, _, v in (o.partition("=") for o in overrides)]
@@ -101,25 +133,140 @@ def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list
     return [points[i] for i in keep]
 
 
-def read_run(run_dir: Path, seed: int) -> dict:
-    """One finished training run folder: {"figures", "curves", "hardware", "config"}."""
+def read_run(run_dir: Path, seed: int, shown: str | None = None) -> dict:
+    """One finished training run folder: {"figures", "curves", "hardware", "config", "data"}. The
+    record names the folder by `shown` (its place under the runs folder), never by an absolute path."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         config = tomllib.loads((run_dir / "config.toml").read_text())
+        data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else None
         rows = [json.loads(line) for line in lines if line.strip()]
         ev = summary["final_eval"]
         figures = {"seed": seed, "loss": ev["loss"], "accuracy": ev.get("accuracy"), "perplexity": ev.get("perplexity"),
                    "train_time_s": summary["train_time_s"], "compile_warmup_s": summary.get("compile_warmup_s"),
                    "tokens_per_s": summary.get("tokens_per_s"), "steps": summary["steps"], "tokens": summary.get("tokens"),
-                   "params": summary.get("params"), "run_dir": str(run_dir)}
+                   "params": summary.get("params"), "run_dir": shown or run_dir.name}
     except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"run folder {run_dir} is incomplete or corrupt: {e!r}") from None
     if problem := run_problem(figures):
         raise UserError(f"run folder {run_dir} cannot be recorded: {problem}")
     curves = {"seed": seed, "eval": [[r["units"], r["loss"]] for r in rows if r.get("split") == "eval"],
               "train": _subsample([[r["units"], r["loss"]] for r in rows if r.get("split") == "train"])}
-    return {"figures": figures, "curves": curves, "hardware": summary.get("hardware"), "config": config}
+    return {"figures": figures, "curves": curves, "hardware": summary.get("hardware"), "config": portable_tree(config),
+            "data": portable_tree(data)}
+
+
+# ---------------------------------------------------------------------------------- portable names
+
+
+def _is_abs_path(text: str) -> bool:
+    return text.startswith(("/", "~"))
+
+
+def path_hash(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (their names relative to it, and bytes)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def portable(text: str) -> str:
+    """An absolute path as a record may hold it: relative to the checkout when it lies in the
+    checkout's workspace (its parent folder, where ../shared/data sits), else `sha256:` and the
+    hash of its content (`gone:NAME` when it no longer exists). Other strings stay as they are."""
+    if not _is_abs_path(text):
+        return text
+    path = Path(text).expanduser()
+    resolved = path.resolve()
+    if resolved.is_relative_to(ROOT.parent):
+        return os.path.relpath(resolved, ROOT)
+    return f"sha256:{path_hash(resolved)}" if resolved.exists() else f"gone:{path.name}"
+
+
+def portable_override(override: str) -> str:
+    """`section.key=/abs/path` (quoted or not) with its path made portable."""
+    key, sep, value = override.partition("=")
+    quote = value[:1] if value[:1] in "\"'" and value[-1:] == value[:1] and len(value) > 1 else ""
+    inner = value[1:-1] if quote else value
+    return f"{key}{sep}{quote}{portable(inner.strip())}{quote}" if sep and _is_abs_path(inner.strip()) else override
+
+
+def portable_tree(value):
+    """A config or data description with every absolute path in it made portable."""
+    if isinstance(value, dict):
+        return {k: portable_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_tree(v) for v in value]
+    return portable(value) if isinstance(value, str) else value
+
+
+def absolute_paths(record: dict) -> list[str]:
+    """The absolute paths a record holds in its overrides, config, data and runs (none, once portable)."""
+    found: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and _is_abs_path(value.strip().strip("\"'")):
+            found.append(value)
+
+    walk([o.partition("=")[2] for o in record.get("overrides", []) if isinstance(o, str)])
+    walk([record.get("config"), record.get("data"), [r.get("run_dir") for r in record.get("runs", []) if isinstance(r, dict)]])
+    return found
+
+
+# ---------------------------------------------------------------------------------- the data a record names
+
+
+def record_data(record: dict) -> dict | None:
+    """The data a record trained and evaluated on: its resolved [data] table (data_keys), paths
+    portable; None for a record without its config."""
+    table = (record.get("config") or {}).get("data")
+    if not isinstance(table, dict):
+        return None
+    try:
+        return portable_tree(data_keys(table))
+    except ConfigError:
+        return None
+
+
+def planned_data(preset: Path, data_from: Path | None, overrides: list[str]) -> dict:
+    """The data a speedrun of this preset, --data_from and overrides will train on (record_data's
+    form), known before it trains."""
+    raw = renamed(LLMRunConfig, load_toml(preset))
+    if data_from is not None:
+        raw["data"] = {**raw.get("data", {}), **data_keys(renamed(LLMRunConfig, load_toml(data_from)).get("data", {}))}
+    data = apply_overrides(raw, list(overrides)).get("data", {})
+    return portable_tree(data_keys(data if isinstance(data, dict) else {}))
+
+
+def data_words(data: dict | None, record: dict | None = None) -> tuple[str, str]:
+    """(data, split) of a record in words, for the leaderboard."""
+    if data is None:
+        return "unknown", "unknown"
+    what = f"{data['source']}"
+    if data.get("ids_field"):
+        what += f" ({data['ids_field']}, rows of {data['seq_len'] + 1})"
+    tok = data["tokenizer"]
+    seen = (record or {}).get("data") or {}
+    if seen.get("sha256"):
+        what += f", content {seen['sha256']}"
+    if data["split"] == "train_test_split":
+        read = f" of {seen['rows']:,} rows" if seen.get("rows") else (f" of the first {data['rows']:,} rows" if data.get("rows") else "")
+        split = f"train_test_split({data['val_fraction']:g}, seed {data['split_seed']}){read}, {data['val_rows']:,} val rows"
+    else:
+        split = f"hash ({data['val_fraction']:g})"
+    return f"{what}; tokenizer {tok}", split
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -133,16 +280,19 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def build_record(*, label: str, preset: str, budget: int, overrides: list[str], runs: list[dict],
-                 commit: str | None, dirty: bool | None, created: datetime) -> dict:
+                 commit: str | None, dirty: bool | None, created: datetime, data_from: str | None = None) -> dict:
     """The record of finished runs (read_run's results, in seed order)."""
     figures = [r["figures"] for r in runs]
-    return {
-        "schema": SCHEMA, "label": label, "preset": preset, "budget": budget, "overrides": list(overrides),
+    record = {
+        "schema": SCHEMA, "label": label, "preset": preset, "budget": budget,
+        "overrides": [portable_override(o) for o in overrides],
         "created": created.isoformat(timespec="seconds"), "git_commit": commit, "git_dirty": dirty,
         "hardware": runs[0]["hardware"], "params": figures[0]["params"],
         "config": runs[0]["config"],  # resolved; the runs' configs differ only in train.seed
+        "data": runs[0].get("data"),  # what the run read, with the content's hash
         "summary": summarise(figures), "runs": figures, "curves": [r["curves"] for r in runs],
     }
+    return {**record, "data_from": data_from} if data_from else record
 
 
 def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
@@ -197,6 +347,7 @@ _FIELDS = {
     "git_commit": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "git_dirty": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "runs": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+    "data": (lambda v: v is None or isinstance(v, dict), "a table or null"),
 }
 REQUIRED = ("label", "preset", "budget", "runs")
 
@@ -216,6 +367,8 @@ def record_problem(record: object) -> str:
     for i, run in enumerate(record["runs"]):
         if problem := run_problem(run, f"runs[{i}]"):
             return problem
+    if paths := absolute_paths(record):
+        return f"it holds the absolute path {_shown(paths[0])} (a record names data by spec or content hash)"
     return ""
 
 
@@ -260,18 +413,32 @@ def require_runs(n: int, what: str) -> None:
         raise UserError(f"a comparison needs >= 2 runs per side: {what} has {n}")
 
 
-def check_comparable(base: dict, new_preset: str, new_budget: int, base_name: str) -> None:
-    if (base["preset"], base["budget"]) != (new_preset, new_budget):
+def check_comparable(base: dict, new_preset: str, new_budget: int, base_name: str, new_data: dict | None = None) -> None:
+    """Two records compare at the same budget on the same data (any presets); records without a
+    config (no data to tell) only within one preset."""
+    if base["budget"] != new_budget:
         raise UserError(f"cannot compare: the baseline {base_name} is {base['preset']} at {base['budget']:,} tokens, "
                         f"this is {new_preset} at {new_budget:,} tokens")
+    base_data = record_data(base)
+    if base_data is None or new_data is None:
+        if base["preset"] != new_preset:
+            raise UserError(f"cannot compare: the baseline {base_name} is {base['preset']}, this is {new_preset}, and "
+                            "one of them does not say what data it trained on")
+        return
+    if differ := [k for k in sorted(set(base_data) | set(new_data)) if base_data.get(k) != new_data.get(k)]:
+        k = differ[0]
+        raise UserError(f"cannot compare: the baseline {base_name} trained on other data (data.{k} = "
+                        f"{_shown(base_data.get(k))}, this run {_shown(new_data.get(k))}); --data_from PRESET trains "
+                        "on another preset's data")
 
 
 def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> dict:
     """Welch's one-sided test (new < baseline) in final loss and in training time."""
-    check_comparable(base, new["preset"], new["budget"], base_name)
+    check_comparable(base, new["preset"], new["budget"], base_name, record_data(new))
     require_runs(len(base["runs"]), f"the baseline {base_name}")
     require_runs(len(new["runs"]), "the candidate")
-    out = {"baseline": base_name, "baseline_label": base["label"], "test": "Welch's t-test, one-sided (new < baseline)",
+    out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
+           "test": "Welch's t-test, one-sided (new < baseline)",
            "alpha": ALPHA, "same_hardware": hardware_string(base.get("hardware")) == hardware_string(new.get("hardware"))}
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
@@ -327,40 +494,79 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _group_key(rec: dict) -> tuple[int, str]:
+    """Records ranked together: one budget on one data (a record without its config: its preset)."""
+    data = record_data(rec)
+    return rec["budget"], json.dumps(data, sort_keys=True) if data is not None else f"preset:{rec['preset']}"
+
+
 def leaderboard(records_dir: Path) -> str:
-    """LEADERBOARD.md from every valid record in records_dir: one table per (preset, budget), best mean
-    loss first, then the records left out and why. Depends only on the records' contents, so
-    regenerating without new records gives the same bytes."""
-    groups: dict[tuple[str, int], list[tuple[dict, str]]] = {}
+    """LEADERBOARD.md from every valid record in records_dir: one table per (data, budget), best mean
+    loss first, each row naming its preset, data, split and hardware; then 5-dollar-llm's published
+    records as a separate reference table, and the records left out and why. Depends only on the
+    records' contents, so regenerating without new records gives the same bytes."""
+    groups: dict[tuple[int, str], list[tuple[dict, str]]] = {}
     records, left_out = read_records(records_dir)
     for rec, name in records:
-        groups.setdefault((rec["preset"], rec["budget"]), []).append((rec, name))
+        groups.setdefault(_group_key(rec), []).append((rec, name))
     out = ["# Speedrun leaderboard", "",
            "Generated by `python scripts/speedrun.py --leaderboard` from the records in this folder; do not edit it "
            "by hand.", "",
            "Each row is one record: n runs with different seeds; mean ± sample standard deviation of the final "
-           "validation loss and of the training time (compile warm-up excluded). A change counts as better than its "
+           "validation loss and of the training time (compile warm-up and evaluation excluded). A table ranks the "
+           "records of one budget on one data set, whatever their presets. A change counts as better than its "
            f"baseline when Welch's one-sided t-test gives p < {ALPHA:g} (`scripts/speedrun.py --compare`).", ""]
     if not groups:
         out += ["No records yet.", ""]
-    for (preset, budget) in sorted(groups):
-        rows = sorted(groups[(preset, budget)], key=lambda rn: (summarise(rn[0]["runs"])["loss"]["mean"], rn[0]["label"], rn[1]))
-        out += [f"## {preset}, {format_budget(budget)} tokens", "",
-                "| rank | label | val loss | n | val accuracy | train time (s) | hardware | commit | date | record | overrides |",
-                "| ---: | --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- |"]
+    headings: dict[str, int] = {}
+    for key in sorted(groups, key=lambda k: (groups[k][0][0]["preset"] if k[1].startswith("preset:") else "", k)):
+        rows = sorted(groups[key], key=lambda rn: (summarise(rn[0]["runs"])["loss"]["mean"], rn[0]["label"], rn[1]))
+        data = record_data(rows[0][0])
+        title = f"{rows[0][0]['preset'] if data is None else data['source']}, {format_budget(key[0])} tokens"
+        headings[title] = headings.get(title, 0) + 1
+        out += [f"## {title}" + (f" ({headings[title]})" if headings[title] > 1 else ""), "",
+                "| rank | preset | label | val loss | n | val accuracy | train time (s) | data | split | hardware | commit "
+                "| date | record | overrides |",
+                "| ---: | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for rank, (rec, name) in enumerate(rows, 1):
             s = summarise(rec["runs"])
             commit = (rec.get("git_commit") or "unknown")[:7] + ("+dirty" if rec.get("git_dirty") else "")
             overrides = " ".join(f"`{o}`" for o in rec.get("overrides", [])) or "none"
-            cells = [str(rank), rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
-                     _pm(s["train_time_s"], 2), hardware_string(rec.get("hardware")), commit,
-                     str(rec.get("created", ""))[:10], f"[{name}]({name})", overrides]
+            if rec.get("data_from"):
+                overrides = f"`--data_from {rec['data_from']}` " + (overrides if rec.get("overrides") else "")
+            what, split = data_words(record_data(rec), rec)
+            cells = [str(rank), rec["preset"], rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
+                     _pm(s["train_time_s"], 2), what, split, hardware_string(rec.get("hardware")), commit,
+                     str(rec.get("created", ""))[:10], _record_links(records_dir, name), overrides.strip()]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")
+    out += published_table()
     if left_out:
         out += ["## Left out", "", "Records that do not read as valid records, so are not ranked:", ""]
         out += [f"- `{name}`: {_cell(why)}" for name, why in left_out] + [""]
     return "\n".join(out)
+
+
+def published_table() -> list[str]:
+    """5-dollar-llm's published records as a reference table: not measured here, never ranked."""
+    out = ["## Reference: 5-dollar-llm's published records (not measured here)", "",
+           f"From {PUBLISHED_SOURCE}. One run per entry on one {PUBLISHED_HARDWARE}, no spread reported; their time "
+           "is their \"Training Time\" (compile warm-up excluded, the final evaluation included). Their data, split, "
+           "evaluation and recipe are what the `5dollar-88m` preset reproduces (benchmarks/results/llm_5dollar.md "
+           "lists what it does not); these rows are not ranked with the measured ones.", "",
+           "| budget | val loss | time | tokens trained | entry | date | best val loss | hardware | source |",
+           "| --- | --- | --- | ---: | --- | --- | --- | --- | --- |"]
+    for r in PUBLISHED:
+        cells = [format_budget(r["budget"]), f"{r['val_loss']:.4f}", r["time"], f"{r['tokens']:,}", r["entry"], r["date"],
+                 r["best"], PUBLISHED_HARDWARE, "5-dollar-llm docs/LEADERBOARD.md (4ba324f)"]
+        out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return out + [""]
+
+
+def _record_links(records_dir: Path, name: str) -> str:
+    """The record, and its picture when one was drawn beside it."""
+    png = Path(name).with_suffix(".png").name
+    return f"[{name}]({name})" + (f" ([plot]({png}))" if (Path(records_dir) / png).is_file() else "")
 
 
 def _print(*args) -> None:

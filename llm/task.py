@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.contracts import Task
 from shared.metrics import MetricsLogger
 
 from .generate import document_prompt, generate, real_tokens, until_eos
 from .model import Decoder
 from .tokenizer import TextTokenizer
 
-
 EVAL_CHUNK = 4096  # tokens whose logits exist at once during evaluation
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
     unit = "tokens"
 
     def __init__(self, val_rows: torch.Tensor, tokenizer: TextTokenizer, eval_batch_size: int = 16,
@@ -38,13 +38,10 @@ class LanguageModelTask:
 
     def loss(self, model: Decoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        self._model = model  # its mixture-of-experts layers hold the routing figures train_metrics reports
         return model(x, targets=y, doc_ids=self.doc_ids(x))
 
-    def train_metrics(self) -> dict:
-        model = getattr(self, "_model", None)
-        if model is None:
-            return {}
+    def train_metrics(self, model: Decoder) -> dict:
+        """The routing figures the mixture-of-experts layers gathered since the last call."""
         return {f"moe/layer{i}/{k}": v for i, moe in model.moe_layers() for k, v in moe.pop_stats().items()}
 
     @torch.no_grad()

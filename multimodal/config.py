@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
+from shared.grid import GridSampleConfig
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig
 
@@ -68,21 +69,20 @@ def check_sampling(temperature: float, top_k: int, top_p: float, cfg_scale: floa
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(GridSampleConfig):
     """What the trainer's sample hook draws (class grid, captions of test images)."""
 
-    per_class: int = 8
     cfg_scale: float = 3.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
     captions: int = 10  # test images captioned at each sample hook
 
     def __post_init__(self):
+        super().__post_init__()
         check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale)
-        if self.per_class <= 0 or self.captions < 0:
-            raise ConfigError("sample.per_class must be positive and sample.captions non-negative")
+        if self.captions < 0:
+            raise ConfigError(f"sample.captions must be non-negative, got {self.captions}")
 
 
 @dataclass

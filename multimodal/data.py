@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from shared.cache import Stale, build_once, cache_root
+from shared.contracts import BatchSource
 from shared.epochs import EpochOrder
 from shared.errors import UserError
 from shared.images import ImageSet, subset_indices
@@ -108,7 +109,7 @@ def encode_images(data: ImageSet, split: str, vq: VQTokenizer, progress: bool = 
     return build_once(folder, lambda: _cached(folder, data, key, vq), build, "the visual-token cache")
 
 
-class SequenceBatches:
+class SequenceBatches(BatchSource):
     """Training sequences drawn from visual tokens: for each image of the epoch's order, at random
     (from a generator seeded by the batch's position, so resume is exact) its orientation, the
     direction (text-to-image with probability `t2i_fraction`), a caption template, and for

@@ -40,28 +40,28 @@ def sample_images(model: MultimodalDecoder, layout: SequenceLayout, captions: li
     """Codebook grids int64 [N, h, w] for text-token captions (None: the empty caption)."""
     vocab = layout.vocab
     device = model.tok_emb.weight.device
-    prompts = torch.tensor([layout.text_to_image_prompt(c) for c in captions], device=device)
+    prompts = torch.tensor([layout.text_to_image_prompt(c) for c in captions], device=device)  # [N, P]
     guided = cfg_scale != 1.0
     if guided:
         empty = torch.tensor(layout.text_to_image_prompt(None), device=device).expand_as(prompts)
-        prompts = torch.cat([prompts, empty])
-    allowed = vocab.visual_mask(model.cfg.vocab_size, device)
+        prompts = torch.cat([prompts, empty])  # [2N, P]: conditional rows, then unconditional
+    allowed = vocab.visual_mask(model.cfg.vocab_size, device)  # bool [V]
     top_k = min(top_k, vocab.codebook_size)
     n, n_vis = len(captions), vocab.tokens_per_image
     model.eval()
     cache = model.new_cache(len(prompts), prompts.shape[1] + n_vis)
-    logits = model(prompts, cache)[:, -1]
+    logits = model(prompts, cache)[:, -1]  # [N or 2N, V]
     out = []
     for i in range(n_vis):
         logits = logits.float()
         if guided:
-            logits = guidance_mix(logits[:n], logits[n:], cfg_scale)
-        nxt = sample_next(restrict(logits, allowed), temperature, top_k, top_p, generator)
+            logits = guidance_mix(logits[:n], logits[n:], cfg_scale)  # [N, V]
+        nxt = sample_next(restrict(logits, allowed), temperature, top_k, top_p, generator)  # [N]
         out.append(nxt)
         if i + 1 < n_vis:
-            step = torch.cat([nxt, nxt]) if guided else nxt
+            step = torch.cat([nxt, nxt]) if guided else nxt  # both halves continue with the guided token
             logits = model(step[:, None], cache)[:, -1]
-    return vocab.codes(torch.stack(out, 1)).view(n, *vocab.grid)
+    return vocab.codes(torch.stack(out, 1)).view(n, *vocab.grid)  # [N, n_vis] ids -> [N, h, w] codes
 
 
 @torch.no_grad()
@@ -71,11 +71,11 @@ def write_captions(model: MultimodalDecoder, layout: SequenceLayout, codes: torc
     """Text-token ids of a caption for each grid of codes [N, h, w] (greedy by default), without <eos>."""
     vocab = layout.vocab
     device = model.tok_emb.weight.device
-    prompt = layout.image_to_text_prompt(codes.cpu()).to(device)
-    allowed = vocab.text_mask(model.cfg.vocab_size, banned, device)
+    prompt = layout.image_to_text_prompt(codes.cpu()).to(device)  # [N, P]
+    allowed = vocab.text_mask(model.cfg.vocab_size, banned, device)  # bool [V]
     steps = list(generate(model, prompt, layout.max_caption + 1, temperature, top_k, top_p, eos_id=vocab.eos,
-                          generator=generator, allowed=allowed))
-    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(codes))]
+                          generator=generator, allowed=allowed))  # [N] per step
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(len(codes))]  # [N, steps]
     return [until_eos(row, vocab.eos) for row in rows]
 
 
@@ -91,22 +91,22 @@ def caption_scores(model: MultimodalDecoder, layout: SequenceLayout, codes: torc
     model.eval()
     scores = torch.zeros(len(codes), n_cls)
     for start in range(0, len(codes), batch_size):
-        prompt = layout.image_to_text_prompt(codes[start:start + batch_size].cpu()).to(device)
+        prompt = layout.image_to_text_prompt(codes[start:start + batch_size].cpu()).to(device)  # [b, P]
         b = len(prompt)
         cache = model.new_cache(b, prompt.shape[1] + layout.max_caption + 1)
         first = model(prompt, cache)[:, -1].float().log_softmax(-1)  # [b, V]: the caption's first token
-        total = torch.zeros(b, n_cls, device=device)
+        total = torch.zeros(b, n_cls, device=device)  # [b, C]
         for j in range(n_tpl):
             conts = [captions[c][j] + [vocab.eos] for c in range(n_cls)]
             width = max(len(x) for x in conts)
             ids = torch.tensor([x + [vocab.pad] * (width - len(x)) for x in conts], device=device)  # [C, W]
-            valid = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in conts], device=device)
+            valid = torch.tensor([[1.0] * len(x) + [0.0] * (width - len(x)) for x in conts], device=device)  # [C, W]
             rows = cache.repeat_rows(n_cls)  # row i * C + c continues image i with class c's caption
-            ids_rows = ids.repeat(b, 1)
+            ids_rows = ids.repeat(b, 1)  # [b*C, W]
             logp = first.repeat_interleave(n_cls, 0).gather(1, ids_rows[:, :1])  # [b*C, 1]
             if width > 1:
-                rest = model(ids_rows[:, :-1], rows).float().log_softmax(-1)
-                logp = torch.cat([logp, rest.gather(2, ids_rows[:, 1:, None]).squeeze(2)], 1)
+                rest = model(ids_rows[:, :-1], rows).float().log_softmax(-1)  # [b*C, W-1, V]
+                logp = torch.cat([logp, rest.gather(2, ids_rows[:, 1:, None]).squeeze(2)], 1)  # [b*C, W]
             total += (logp * valid.repeat(b, 1)).sum(1).view(b, n_cls)
         scores[start:start + b] = (total / n_tpl).cpu()
     return scores

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.contracts import Task
 from shared.grid import class_grid
 from shared.images import save_png, to_uint8
 from shared.metrics import MetricsLogger
@@ -31,7 +32,7 @@ def validation_sequences(tokens: VisualTokens, captions: CaptionTable, layout: S
     return layout.build(tokens.codes[:, 0], caps, to_image)
 
 
-class MultimodalTask:
+class MultimodalTask(Task):
     unit = "images"
 
     def __init__(self, layout: SequenceLayout, captions: CaptionTable, val: VisualTokens, zero_shot: VisualTokens,
@@ -67,7 +68,7 @@ class MultimodalTask:
             w = self._weights[device] = self.weights.to(device)
         return w
 
-    def train_metrics(self) -> dict[str, float]:
+    def train_metrics(self, model: MultimodalDecoder) -> dict[str, float]:
         if self._sums is None:
             return {}
         t, nt, v, nv = self._sums.tolist()

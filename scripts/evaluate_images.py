@@ -24,7 +24,7 @@ from flow_matching.load import load_model
 from multimodal.generate import add_sampling_args, class_prompts, generate_images, sampling_settings
 from multimodal.load import is_multimodal_run, load_run
 from shared.errors import UserError, run_main
-from shared.image_eval import score_images
+from judge.image_eval import score_images
 from shared.images import load_images
 from shared.run import check_output, print_results
 from shared.trainer import pick_device

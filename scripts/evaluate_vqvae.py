@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shared.config import load_config
 from shared.errors import UserError, run_main
-from shared.image_eval import count_label
+from judge.image_eval import count_label
 from shared.images import load_images
 from shared.run import check_output, find_run_dir
 from shared.trainer import pick_device

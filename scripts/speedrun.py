@@ -7,6 +7,12 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
         --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
     python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
+
+5-dollar-llm's benchmark: their recipe, then Blueberry's on the same data, tested against it:
+
+    python scripts/speedrun.py --preset 5dollar-88m --budget 8M --runs 4
+    python scripts/speedrun.py --preset blueberry-88m --data_from 5dollar-88m --budget 8M --runs 4 \
+        --compare benchmarks/records/5dollar-88m-8M-baseline-<stamp>.json
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from datetime import datetime
 from pathlib import Path
 
 from llm.speedrun import (build_record, check_comparable, check_label, compare, comparison_lines, derive_label,
-                          format_budget, git_state, load_record, parse_budget, read_run, require_runs,
-                          resolve_preset, summary_lines, write_leaderboard, write_record)
+                          format_budget, git_state, load_record, parse_budget, planned_data, read_records, read_run,
+                          require_runs, resolve_preset, summary_lines, write_leaderboard, write_record)
+from llm.speedrun_plot import plot_records
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
 
@@ -63,13 +70,14 @@ def speedrun(args: argparse.Namespace) -> None:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if bad := [o for o in args.overrides if o.split("=", 1)[0].strip() in RESERVED]:
         raise UserError(f"override {bad[0]!r} is set by the harness: use --seed0 / --budget instead")
-    label = check_label(args.label or derive_label(args.overrides))
+    data_from = resolve_preset(args.data_from, "--data_from") if args.data_from else None
+    label = check_label(args.label or derive_label(args.overrides, args.data_from))
     records = Path(args.records_dir)
     baseline = None
     if args.compare:  # everything that can refuse the comparison does so before hours of training
         require_runs(args.runs, "this speedrun (--runs)")
         baseline = load_record(args.compare)
-        check_comparable(baseline, preset, budget, args.compare)
+        check_comparable(baseline, preset, budget, args.compare, planned_data(config, data_from, args.overrides))
         require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
     check_writable(records, "records folder")  # a bad override is refused by the first run, in its first seconds
 
@@ -80,35 +88,41 @@ def speedrun(args: argparse.Namespace) -> None:
     while group.exists():  # train_llm refuses an existing run folder: never reuse one
         i += 1
         group = first.with_name(f"{first.name}-{i}")
-    print(f"speedrun: {preset} at {budget:,} tokens, label {label}, {args.runs} runs, "
+    print(f"speedrun: {preset}{f' on the data of {data_from.stem}' if data_from else ''} at {budget:,} tokens, "
+          f"label {label}, {args.runs} runs, "
           f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}", flush=True)
     results = []
     for k in range(args.runs):
         seed = args.seed0 + k
         print(f"run {k + 1}/{args.runs}: seed {seed} -> {group / f'seed{seed}'}", flush=True)
         train_one([sys.executable, str(ROOT / "scripts" / "train_llm.py"), "--config", str(config),
+                   *(["--data_from", str(data_from)] if data_from else []),
                    "--experiment_name", f"seed{seed}", "--runs_dir", str(group), "--train_tokens", str(budget),
                    f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})")
-        results.append(read_run(group / f"seed{seed}", seed))
+        results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
 
     record = build_record(label=label, preset=preset, budget=budget, overrides=args.overrides, runs=results,
-                          commit=commit, dirty=dirty, created=created)
+                          commit=commit, dirty=dirty, created=created, data_from=data_from.stem if data_from else None)
     print(f"\n{preset} at {budget:,} tokens, {label}:")
     print("\n".join(summary_lines(record)))
     if baseline is not None:
         record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
         print("\n" + "\n".join(comparison_lines(record["comparison"])))
     path = write_record(record, records, created)
-    print(f"\nrecord: {path}\nleaderboard: {write_leaderboard(records)}")
+    sides = [(args.compare, baseline)] if baseline is not None else []
+    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
+    print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, blueberry-151m) or a .toml path")
+    p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, 5dollar-88m, ...) or a .toml path")
     p.add_argument("--budget", help="training tokens per run: 8M, 20M, 100M, 1B, 500k, 2048, ...")
     p.add_argument("--runs", type=int, default=4, help="runs with seeds seed0, seed0+1, ... (default 4)")
     p.add_argument("--seed0", type=int, default=0, help="seed of the first run")
     p.add_argument("--label", help="names the record (default: baseline, or derived from the overrides)")
+    p.add_argument("--data_from", metavar="PRESET", help="train on another preset's data (its [data] table), e.g. "
+                   "--preset blueberry-88m --data_from 5dollar-88m: Blueberry's recipe on 5-dollar-llm's benchmark")
     p.add_argument("--runs_dir", default="runs", help="run folders go to <runs_dir>/speedrun/<record name>/seed<k>")
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
@@ -119,19 +133,26 @@ def main() -> None:
     args = p.parse_intermixed_args()  # overrides may come before or after the flags
     if not 0 < args.confidence < 100:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
-    training = [f for f in ("preset", "budget") if getattr(args, f)] + (["overrides"] if args.overrides else [])
+    training = [f for f in ("preset", "budget", "data_from") if getattr(args, f)] + (["overrides"] if args.overrides else [])
     if args.leaderboard:
         if training or args.compare or args.candidate:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
-        check_writable(Path(args.records_dir), "records folder")
-        print(f"wrote {write_leaderboard(Path(args.records_dir))}")
+        records = Path(args.records_dir)
+        check_writable(records, "records folder")
+        for rec, name in read_records(records)[0]:  # a picture beside every record that lacks one
+            if not (png := (records / name).with_suffix(".png")).is_file():
+                print(f"drew {plot_records([(name, rec)], png)}")
+        print(f"wrote {write_leaderboard(records)}")
     elif args.candidate:
         if not args.compare:
             raise UserError("--candidate needs --compare BASELINE")
         if training:
             raise UserError("--compare with --candidate compares two records and trains nothing: drop " + ", ".join(training))
         base, new = load_record(args.compare), load_record(args.candidate)
-        print("\n".join(comparison_lines(compare(base, new, args.compare, args.confidence / 100), "candidate")))
+        result = compare(base, new, args.compare, args.confidence / 100)
+        print("\n".join(comparison_lines(result, "candidate")))
+        out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
+        print(f"picture: {plot_records([(args.compare, base), (args.candidate, new)], out, result)}")
     elif args.preset and args.budget:
         speedrun(args)
     else:

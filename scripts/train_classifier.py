@@ -1,4 +1,4 @@
-"""Train the CIFAR-10 classifier that scores generated images (shared/classifier.py).
+"""Train the CIFAR-10 classifier that scores generated images (judge/classifier.py).
 
     python scripts/train_classifier.py --config configs/classifier/airbench.toml --data cifar10
     python scripts/train_classifier.py --config configs/classifier/airbench.toml --data /path/to/cifar10-jpeg
@@ -14,7 +14,8 @@ import argparse
 
 import torch
 
-from shared.classifier import ClassifierRunConfig, ClassifierTask, build_classifier
+from judge.classifier import ClassifierTask, build_classifier
+from judge.config import ClassifierRunConfig
 from shared.errors import UserError, run_main
 from shared.images import ImageBatches, load_train_test, save_classes
 from shared.run import add_common_args, describe_training, report, resolve_run, save_config

@@ -31,7 +31,7 @@ def main() -> None:
 
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)  # both splits checked before any work
     train, test = load_train_test(cfg.data.source, shape=shape, drop_empty_classes=cfg.data.drop_empty_classes)
-    print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images, len(test)):,} of {test.description}")
+    print(f"data: {train.description}; evaluation on {min(cfg.data.eval_images or len(test), len(test)):,} of {test.description}")
     if cfg.model.num_classes not in (0, len(train.classes)):
         raise UserError(f"model.num_classes = {cfg.model.num_classes} but the data has {len(train.classes)} classes")
     cfg.model.num_classes = len(train.classes)
@@ -44,7 +44,7 @@ def main() -> None:
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = FlowMatchingTask(cfg.flow, cfg.sample, test.subset(cfg.data.eval_images), train.classes,
                             eval_batch_size=cfg.train.batch_size)
-    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES})
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     describe_training(trainer, run_dir, resume, f", time sampling {cfg.flow.time_sampling}, label dropout "
                       f"{cfg.flow.label_dropout}, EMA {cfg.train.ema_decay or 'off'}")
     summary = trainer.fit(resume, on_start=lambda: (save_config(cfg, run_dir, resume), save_classes(train.classes, run_dir)))

@@ -51,8 +51,7 @@ def main() -> None:
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = VQVAETask(eval_images, cfg.loss, sample_images=cfg.sample.images, batch_size=max(cfg.train.batch_size, 256),
                      gan=cfg.gan)
-    # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
-    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)})
+    trainer = Trainer(model, task, data, cfg.train, cfg.optim, run_dir)
     describe_training(trainer, run_dir, resume)
     summary = trainer.fit(resume, on_start=lambda: save_config(cfg, run_dir, resume))
     ev = summary["final_eval"]

@@ -166,13 +166,13 @@ class Attention(nn.Module):
                 value_extra: torch.Tensor | None = None) -> torch.Tensor:
         """`mask` (from `document_causal_mask`) replaces the causal rule, for packed training rows.
         `value_extra` [B, T, kv_heads * hd] is added to the values (value embeddings)."""
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x)
+        b, t, _ = x.shape  # x [B, T, D]
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v(x)  # [B, T, Hkv * hd]
         if value_extra is not None:
             v = v + value_extra
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -180,20 +180,20 @@ class Attention(nn.Module):
         # would cast back, FlexAttention refuses mixed dtypes (or picks fp32 kernels)
         q, k = q.to(v.dtype), k.to(v.dtype)
         if mask is not None:
-            return self._out(x, _masked_attention(q, k, v, mask))
+            return self._out(x, _masked_attention(q, k, v, mask))  # [B, T, D]
         start = cache.pos if cache is not None else 0
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v)  # [B, Hkv, start + T, hd]: the cached keys and values too
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may have been allocated outside autocast
         mask, is_causal = None, False
         if self.causal:
             if start == 0:
                 is_causal = True  # queries and keys are aligned: the plain lower triangle
             elif t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)  # [T, start + T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self._out(x, y)
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, hd]
+        return self._out(x, y)  # [B, T, D]
 
 
 # --------------------------------------------------------------------------------------------

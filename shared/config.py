@@ -6,6 +6,7 @@ which the scripts print as one line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -49,10 +50,56 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{name} = {value!r}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
 
 
+def _table_class(tp: Any) -> type | None:
+    """The dataclass a field holds as a table: `X`, or `X | None` (None when the table is absent)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return None
+
+
+def _rename(cls: type, data: dict) -> dict:
+    """One table's old keys moved to their new places. A config class lists them in its RENAMED
+    class attribute, {old key: new dotted key under it} (moe_experts -> moe.experts), so old runs'
+    config.toml files still load. Files are renamed when read (`renamed`), so an old name still
+    here came later, as an override, and its value wins over the new name's."""
+    moves = getattr(cls, "RENAMED", {})
+    if not any(k in data for k in moves):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in moves.items():
+        if old in data:
+            *path, leaf = new.split(".")
+            node = data
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{old} is now {new}, but {part!r} is not a table of settings")
+            node[leaf] = data.pop(old)
+    return data
+
+
+def renamed(cls: type, data: dict) -> dict:
+    """A (nested) dict for dataclass `cls` with every table's old keys under their new names."""
+    data = _rename(cls, data)
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        table = _table_class(hints[f.name])
+        if table is not None and isinstance(data.get(f.name), dict):
+            out[f.name] = renamed(table, data[f.name])
+    return out
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
+    data = _rename(cls, data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = _drop_retired(cls, data, fields, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
@@ -60,10 +107,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        table = _table_class(tp)
+        if table is not None and value is None and table is not tp:
+            kwargs[name] = None  # an optional table left out, as to_dict writes it
+        elif table is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a table of settings")
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+            kwargs[name] = from_dict(table, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(f"{prefix}{name}", value, tp)
     try:
@@ -73,6 +123,18 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
     return obj
+
+
+def _drop_retired(cls: type, data: dict, fields: dict, prefix: str) -> dict:
+    """`data` without the keys `cls` lists in its RETIRED class attribute ({key: old default}) and
+    no longer has: older runs saved them in their config.toml, and at the old default they changed
+    nothing. Another value would train differently than any setting now can, so it is refused."""
+    retired = {k: v for k, v in getattr(cls, "RETIRED", {}).items() if k not in fields}
+    for key, value in data.items():
+        if key in retired and value != retired[key]:
+            raise ConfigError(f"config key '{prefix}{key}' = {value!r} is retired; only its old default "
+                              f"{retired[key]!r} still loads")
+    return {k: v for k, v in data.items() if k not in retired}
 
 
 def to_dict(obj: Any) -> dict:
@@ -113,7 +175,7 @@ def load_toml(path: str | Path) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    data = load_toml(path) if path else {}
+    data = renamed(cls, load_toml(path)) if path else {}  # before the overrides, which may use old names too
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
@@ -134,7 +196,8 @@ def dump_toml(data: dict) -> str:
 
     def table(d: dict, header: str) -> list[str]:
         out = [f"\n[{header}]"] if header else []
-        out += [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+        # TOML has no null: a None (an absent optional table, as a dense model's moe) is left out
+        out += [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
         for k, v in d.items():
             if isinstance(v, dict):
                 out += table(v, f"{header}.{k}" if header else k)

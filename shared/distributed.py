@@ -159,14 +159,20 @@ def plan_accumulation(grad_accum: int, batch_size: int, rank: int, world: int) -
                       f"train.batch_size={batch_size}: make grad_accum or batch_size a multiple of {world}")
 
 
+def map_tensors(fn, batch):
+    """`fn` applied to every tensor of a batch: a tensor, or a dict/list/tuple of them (nested);
+    anything else is returned as it is."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(fn, v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(fn, v) for v in batch)
+    return batch
+
+
 def take_rows(batch, rows: slice | None):
     """This rank's rows of a batch (a tensor, or a tuple/list/dict of them)."""
     if rows is None:
         return batch
-    if isinstance(batch, torch.Tensor):
-        return batch[rows]
-    if isinstance(batch, dict):
-        return {k: take_rows(v, rows) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(take_rows(v, rows) for v in batch)
-    return batch
+    return map_tensors(lambda t: t[rows], batch)

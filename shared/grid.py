@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .images import image_grid
 
 PAD = 2  # image_grid's border
+
+
+@dataclass
+class GridSampleConfig:
+    """The `[sample]` settings every class-conditional image model shares: a grid of `per_class`
+    images of each class, guided by `cfg_scale`, drawn from `seed`. Each package adds its own."""
+
+    per_class: int = 8
+    cfg_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.per_class <= 0:
+            raise ConfigError(f"sample.per_class must be positive, got {self.per_class}")
 
 
 def class_grid(images: torch.Tensor, classes: list[str] | tuple[str, ...], per_class: int) -> torch.Tensor:

@@ -34,3 +34,21 @@ def require_hub(what: str, offline_hint: str, timeout: float = 5.0) -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+# What the Hub's client libraries (requests, httpx, urllib3, huggingface_hub) raise when the network fails
+CONNECTION_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ConnectError", "TimeoutError",
+                     "RemoteDisconnected", "ChunkedEncodingError", "OfflineModeIsEnabled")
+
+
+def hub_failure(e: Exception) -> tuple[str, bool]:
+    """A Hub error as `Kind: first line of its message` (a misspelled name keeps the Hub's own words),
+    and whether it was the connection that failed (then the offline options apply)."""
+    kind = type(e).__name__
+    lost = kind in CONNECTION_ERRORS or isinstance(e, (ConnectionError, TimeoutError))
+    return f"{kind}: {first_line(e)}", lost
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message cut to one line of at most 300 characters."""
+    return (str(e).strip().splitlines() or [""])[0][:300]

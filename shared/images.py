@@ -28,13 +28,30 @@ import numpy as np
 import torch
 
 from .cache import Stale, build_once, cache_root, say
+from .contracts import BatchSource
 from .distributed import main_first
 from .epochs import EpochOrder
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 BUILTIN_CLASSES = ("disc", "square", "ring", "cross", "h-stripes", "v-stripes", "checker", "triangle", "gradient", "dots")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OFFLINE_OPTIONS = "use --data builtin (generated offline set) or --data PATH (an image folder such as <root>/cifar10-jpeg)"
+
+
+@dataclass
+class ImageDataConfig:
+    """The `[data]` table of an image model (the VQ-VAE, flow matching)."""
+
+    source: str = "builtin"  # builtin | cifar10 | PATH of an image folder (the specs above)
+    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
+    hflip: bool = True  # random horizontal flips of training images
+    # test images (a fixed random subset, ImageSet.subset) evaluated during training; 0 = all of them.
+    # The VQ-VAE's rule, which subset() already follows; flow matching refused 0, and no preset used it
+    eval_images: int = 1000
+
+    def __post_init__(self):
+        if self.eval_images < 0:
+            raise ConfigError(f"data.eval_images must be >= 0 (0 = all), got {self.eval_images}")
 
 
 @dataclass
@@ -330,7 +347,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class ImageBatches:
+class ImageBatches(BatchSource):
     """Random batches (images in [-1, 1], labels) epoch by epoch, optionally flipped left-right.
 
     The order and the flips are a pure function of (seed, epoch, cursor), so a checkpoint only

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,11 +29,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .errors import ConfigError
 from .muon import STACKED
 
 
 ALIGN = 16  # each expert's rows start at a multiple of this, as torchtitan pads bf16 groups for _grouped_mm
 N_FIGURES = 5  # after the counts in the statistics row: dropped, entropy, switch, z, forward passes
+
+
+@dataclass
+class MoEConfig:
+    """A model's `[model.moe]` table; a model without one is dense. `experts = 0` is dense too (old
+    runs' config.toml wrote `moe_experts = 0` for a dense model)."""
+
+    experts: int = 8
+    top_k: int = 2
+    hidden: int = 0  # each expert's hidden width; 0 = the model's dense MLP width
+    shared_experts: int = 0  # dense experts every token passes through, beside the routed ones
+    dense_layers: int = 0  # the first layers keep a dense MLP
+    capacity_factor: float = 0.0  # 0 = dropless
+    aux_weight: float = 0.01  # Switch load-balancing loss
+    z_weight: float = 1e-3  # router z-loss
+    bias_rate: float = 0.0  # auxiliary-loss-free balancing step (1e-3 as in DeepSeek-V3); 0 = off
+
+    def __post_init__(self):
+        if self.experts == 0:
+            return
+        if not 1 <= self.top_k <= self.experts:
+            raise ConfigError(f"model.moe.top_k must be in [1, experts={self.experts}], got {self.top_k}")
+        if min(self.hidden, self.shared_experts, self.dense_layers) < 0 or self.experts < 0:
+            raise ConfigError("model.moe: experts, hidden, shared_experts and dense_layers must not be negative")
+        for name in ("capacity_factor", "aux_weight", "z_weight", "bias_rate"):
+            if not 0.0 <= getattr(self, name) < float("inf"):  # NaN fails too
+                raise ConfigError(f"model.moe.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if 0 < self.capacity_factor < 1:
+            raise ConfigError(f"model.moe.capacity_factor must be 0 (dropless) or at least 1, got {self.capacity_factor}")
 
 
 def _stacked(*shape: int) -> nn.Parameter:

@@ -16,6 +16,13 @@ only when asked (OptimConfig.muon_conv). Mixture-of-experts weights [E, out, in]
 Under FSDP2 the parameters are row shards (DTensors): each step gathers the whole updates, every
 rank orthogonalises all of them (redundant but simple; the matrices here are at most 2048 x 512),
 and each keeps its own rows. tests/test_distributed.py checks that the step equals one process's.
+
+Two options reproduce 5-dollar-llm's Muon: `ns="polar_express"` (the Polar Express iteration of
+Amsel et al. 2025, five steps with their own coefficients, after a norm with a 1% safety margin),
+and `merged`: groups of matrices of one width orthogonalised as a single matrix stacked by rows,
+with the step size of the stack (their attention keeps q, k, v and o in one [q + 2 kv + o, d]
+parameter, so its Muon orthogonalises that). The momentum is elementwise, so merging changes only
+the orthogonalisation and the step size.
 """
 
 from __future__ import annotations
@@ -26,17 +33,31 @@ from torch.distributed.tensor import DTensor, Replicate
 STACKED = "stacked_matrices"  # set on [E, out, in] parameters (shared/moe.py): E separate matrices
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic, as in torch.optim.Muon
+# Polar Express (Amsel et al. 2025), one (a, b, c) per step, as 5-dollar-llm and modded-nanogpt use them
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+NS_METHODS = ("quintic", "polar_express")
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
+                  method: str = "quintic") -> torch.Tensor:
     """Approximately U V^T for g = U S V^T ([..., m, n], batched), singular values near 1."""
-    a, b, c = NS_COEFFICIENTS
     x = g.to(dtype or g.dtype, copy=True)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
+    if method == "polar_express":
+        if steps > len(POLAR_EXPRESS):
+            raise ValueError(f"Polar Express has coefficients for {len(POLAR_EXPRESS)} steps, not {steps}")
+        coefficients = POLAR_EXPRESS[:steps]
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + eps)  # the margin keeps every singular value below 1
+    else:
+        coefficients = (NS_COEFFICIENTS,) * steps
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for a, b, c in coefficients:
         gram = x @ x.mT
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x
@@ -45,14 +66,53 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 ns: str = "quintic", merged: list[list[torch.nn.Parameter]] = ()):
+        """`merged`: groups of 2-D parameters (all in `params`, of one width) orthogonalised as one
+        matrix, their rows stacked in the order given."""
+        if ns not in NS_METHODS:
+            raise ValueError(f"unknown orthogonalisation {ns!r}; choose one of {NS_METHODS}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.ns = ns_dtype, ns
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(f"Muon takes matrices or conv filters, got a parameter of shape {tuple(p.shape)}")
+        self.merged = self._check_merged(merged)
+
+    def _check_merged(self, merged) -> dict[int, tuple]:
+        """{id of each parameter in a merged group: the whole group}."""
+        mine = {id(p) for group in self.param_groups for p in group["params"]}
+        out: dict[int, tuple] = {}
+        for members in merged:
+            members = tuple(members)
+            if any(id(p) not in mine or id(p) in out or p.ndim != 2 or getattr(p, STACKED, False) for p in members) \
+                    or len({p.shape[1] for p in members}) != 1:
+                raise ValueError("a merged group holds distinct 2-D parameters of this optimiser, all of one width")
+            out.update((id(p), members) for p in members)
+        return out
+
+    def _units(self, params: list) -> dict[tuple, list[tuple]]:
+        """The matrices to orthogonalise, by shape: each a tuple of parameters (one, or a merged
+        group whose members all have gradients), keyed by (rows, cols) or, for stacked experts,
+        their [E, out, in] shape."""
+        by_shape: dict[tuple, list[tuple]] = {}
+        have = {id(p) for p in params}
+        done: set[int] = set()
+        for p in params:
+            if id(p) in done:
+                continue
+            unit = self.merged.get(id(p), (p,))
+            if not all(id(q) in have for q in unit):
+                unit = (p,)  # a member without a gradient: this step the others go alone
+            done.update(id(q) for q in unit)
+            if getattr(p, STACKED, False):  # [E, out, in]: E matrices, each on its own
+                key = tuple(p.shape)
+            else:
+                key = (sum(q.shape[0] for q in unit), p.numel() // p.shape[0])  # conv filters: [out, in*kh*kw]
+            by_shape.setdefault(key, []).append(unit)
+        return by_shape
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,11 +121,9 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            by_shape: dict[tuple, list] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape), []).append(p)
-            for shape, params in by_shape.items():
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for shape, units in self._units(with_grad).items():
+                params = [p for unit in units for p in unit]
                 bufs = []
                 for p in params:
                     state = self.state[p]
@@ -79,17 +137,18 @@ class Muon(torch.optim.Optimizer):
                 else:
                     updates = bufs
                 dtype = self.ns_dtype or (torch.bfloat16 if params[0].is_cuda else torch.float32)
-                if getattr(params[0], STACKED, False):  # [E, out, in]: E matrices, each on its own
-                    rows, cols = shape[-2], shape[-1]
-                else:
-                    rows = shape[0]
-                    cols = params[0].numel() // rows  # conv filters: [out, in*kh*kw]
+                rows, cols = shape[-2], shape[-1]
                 sharded = isinstance(params[0], DTensor)
                 if sharded:  # FSDP: Newton-Schulz needs whole matrices; every rank orthogonalises them all
                     updates = [u.full_tensor() for u in updates]
-                stacked = torch.stack(updates).reshape(-1, rows, cols)
-                ortho = orthogonalize(stacked, group["ns_steps"], dtype=dtype).reshape(len(params), *shape)
-                ortho = list(ortho.to(params[0].dtype).unbind(0))
+                flat = [u.reshape(u.shape[0], -1) if not getattr(p, STACKED, False) else u for u, p in zip(updates, params)]
+                pieces = iter(flat)  # in unit order: a merged group's members stack by rows
+                stacked = torch.stack([torch.cat([next(pieces) for _ in unit]) if len(unit) > 1 else next(pieces)
+                                       for unit in units])
+                ortho = orthogonalize(stacked.reshape(-1, rows, cols), group["ns_steps"], dtype=dtype, method=self.ns)
+                ortho = ortho.reshape(stacked.shape).to(params[0].dtype)
+                ortho = [piece.reshape(p.shape) for m, unit in zip(ortho.unbind(0), units)
+                         for piece, p in zip(m.split([q.shape[0] for q in unit]), unit)]
                 if sharded:  # back to each parameter's layout: keeping this rank's rows is local, no communication
                     ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()], run_check=False)
                              .redistribute(p.device_mesh, p.placements) for o, p in zip(ortho, params)]
@@ -98,3 +157,4 @@ class Muon(torch.optim.Optimizer):
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, ortho, alpha=-scale)
         return loss
+

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from . import distributed
 from .checkpoint import LATEST, load_state, resolve_checkpoint, write_file_atomic
-from .config import apply_overrides, dump_toml, from_dict, load_toml, to_dict
+from .config import apply_overrides, dump_toml, from_dict, load_toml, renamed, to_dict
 from .errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -191,7 +191,7 @@ def resolve_run(args: argparse.Namespace, cls: type[T], extra: dict[str, object]
     elif args.config:
         if resume is not None:
             print(f"note: {run_dir} has no config.toml: resuming with {args.config} as given")
-        cfg = from_dict(cls, apply_overrides(load_toml(args.config), given))
+        cfg = from_dict(cls, apply_overrides(renamed(cls, load_toml(args.config)), given))
     else:
         raise UserError(f"no --config given and {run_dir / 'config.toml'} not found")
     if distributed.setup().main:  # under torchrun rank 0 holds the lock for the whole run
@@ -222,9 +222,9 @@ def resumed_config(cls: type[T], saved_path: Path, preset: str | None, given: li
         base = to_dict(from_dict(cls, copy.deepcopy(raw)))  # types normalised, settings added since filled in
     except ConfigError as e:
         raise ConfigError(f"{saved_path} does not load: {e}") from None
-    preset_data = load_toml(preset) if preset else {}
+    preset_data = renamed(cls, load_toml(preset)) if preset else {}
     requested = _flatten(to_dict(from_dict(cls, apply_overrides(_merge(copy.deepcopy(base), preset_data), list(given)))))
-    before, explicit = _flatten(base), _flatten(apply_overrides({}, list(given)))
+    before, explicit = _flatten(base), _flatten(renamed(cls, apply_overrides({}, list(given))))
     changed, ignored = [], []
     for key in sorted(set(_flatten(preset_data)) | set(explicit)):
         old, new = before.get(key), requested.get(key)
@@ -326,7 +326,7 @@ def save_config(cfg: object, run_dir: Path, resume: Path | None = None) -> None:
     if resume is None:
         log.unlink(missing_ok=True)
     elif path.is_file():
-        before, after = _flatten(load_toml(path)), _flatten(data)
+        before, after = _flatten(_today(type(cfg), load_toml(path))), _flatten(data)
         step = checkpoint_step(resume)
         lines = [json.dumps({"step": step, "key": k, "before": before.get(k), "after": after.get(k)})
                  for k in sorted(set(before) | set(after)) if not same_setting(before.get(k), after.get(k))]
@@ -334,6 +334,12 @@ def save_config(cfg: object, run_dir: Path, resume: Path | None = None) -> None:
             kept = log.read_text() if log.is_file() else ""
             write_file_atomic(log, lambda p: p.write_text(kept + "".join(line + "\n" for line in lines)), "the config changes")
     write_file_atomic(path, lambda p: p.write_text(dump_toml(data)), "the run config")
+
+
+def _today(cls: type, saved: dict) -> dict:
+    """A saved config as this code names its keys: a file that used old names (a config class's RENAMED)
+    is read as it loads, so a renamed key is no change."""
+    return to_dict(from_dict(cls, saved)) if renamed(cls, saved) != saved else saved
 
 
 def find_run_dir(path: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """One training loop for every package.
 
 The loop knows nothing of text or images. A package hands it a model, a `Task` (loss,
-evaluation, samples) and a `BatchSource` (batches plus a resumable position), and the loop does
+evaluation, samples) and a `BatchSource` (batches plus a resumable position), and the loop calls
+them only through what shared/contracts.py declares (a model may mix in `ModelHooks`). It does
 the rest: bf16 autocast over fp32 weights, gradient accumulation and clipping, Muon + AdamW with a
 schedule, optional torch.compile (warm-up timed separately), EMA, evaluation and samples at unit
 milestones, checkpoints with exact resume, metrics, a progress bar and a summary at the end.
@@ -24,15 +25,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import distributed, parallel
+from .checkpoint import (
+    WRITE_ERRORS,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    write_failure,
+    write_file_atomic,
+)
 from .config import load_toml
-from .checkpoint import WRITE_ERRORS, load_state, load_weights, save_checkpoint, write_failure, write_file_atomic
+from .contracts import BatchSource, ModelHooks, Task
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
@@ -77,28 +86,6 @@ class TrainConfig:
         if self.wandb:  # the package and the name, before any work
             from .wandb_sink import check_available
             check_available(self.wandb)
-
-
-class BatchSource(Protocol):
-    """An endless, deterministic stream of batches whose position can be saved and restored."""
-
-    units_per_batch: int
-
-    def next_batch(self) -> Any: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class Task(Protocol):
-    """A task may also define `train_metrics() -> dict[str, float]`: figures it gathered in `loss`
-    since the last call (kept as tensors until then, so they cost no host sync per step), logged
-    beside the training loss."""
-
-    unit: str  # "tokens", "images"
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-    def sample(self, model: nn.Module, step: int, run_dir: Path, logger: MetricsLogger) -> None: ...
 
 
 def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -150,26 +137,70 @@ def hardware_info(device: torch.device) -> dict:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        if device.type == "cuda" and batch.device.type == "cpu":
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and t.device.type == "cpu":
             # a pinned copy is asynchronous, a pageable one blocks the host; a strided view (the
             # shifted halves of a token row) would be pinned through a pageable temporary
-            batch = batch.contiguous().pin_memory()
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+            t = t.contiguous().pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return distributed.map_tensors(move, batch)
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+class Due(NamedTuple):
+    log: bool
+    eval: bool
+    sample: bool
+    checkpoint: bool
+
+
+class StepTimer:
+    """Training time, measured between logging points (the GPU runs ahead in between, so the
+    device is synchronised before each reading). The first interval after `warming` is set counts
+    as warm-up (compilation); evaluation, samples and checkpoints fall between `lap` and `start`
+    and are never counted. `rate` is the units per second since the last call."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.train_time = self.warmup_time = 0.0
+        self.units = 0  # units trained in train_time
+        self.warming = False
+        self._pending = self._window_units = 0
+        self._window_time = self._mark = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self._mark = time.perf_counter()
+
+    def stepped(self, units: int) -> None:
+        self._pending += units
+
+    def lap(self) -> None:
+        self.sync()
+        dt = time.perf_counter() - self._mark
+        if self.warming:
+            self.warmup_time += dt
+            self.warming = False
+        else:
+            self.train_time += dt
+            self.units += self._pending
+            self._window_units += self._pending
+            self._window_time += dt
+        self._pending = 0
+
+    def rate(self) -> float:
+        rate = self._window_units / self._window_time if self._window_time > 0 else 0.0
+        self._window_units, self._window_time = 0, 0.0
+        return rate
+
+
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, data: BatchSource, cfg: TrainConfig, optim: OptimConfig,
-                 run_dir: Path, split_kwargs: dict | None = None, quiet: bool = False):
+                 run_dir: Path, quiet: bool = False):
         self.cfg, self.optim_cfg, self.task, self.data = cfg, optim, task, data
         self.run_dir = Path(run_dir)
         self.dist = distributed.setup()
@@ -184,7 +215,7 @@ class Trainer:
                                   "or train.ema_decay=0 with FSDP")
             parallel.shard(self.model)  # before the optimisers, which then hold the sharded parameters
         self.accum = distributed.plan_accumulation(cfg.grad_accum, cfg.batch_size, self.dist.rank, self.dist.world)
-        self.optimizers = build_optimizers(self.model, optim, **(split_kwargs or {}))
+        self.optimizers = build_optimizers(self.model, optim)
         self.units_per_step = data.units_per_batch * cfg.grad_accum
         self.total_steps = math.ceil(cfg.budget / self.units_per_step)
         # the EMA's warm-up is sized to this run, so train.ema_decay is the decay it ends with
@@ -192,7 +223,8 @@ class Trainer:
             if cfg.ema_decay > 0 else None
         wrapped = parallel.wrap_ddp(self.model, self.device) if self.dist.active and not self.sharded else self.model
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
-        self.step, self.train_time, self.compile_time, self.timed_units = 0, 0.0, 0.0, 0
+        self.step = 0
+        self.timer = StepTimer(self._sync)
         self.quiet = quiet or not self.dist.main
         self.stop_requested = False  # set by Ctrl-C or SIGTERM: stop at the next step boundary and checkpoint
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -203,8 +235,8 @@ class Trainer:
     def _state(self) -> dict:
         # optimiser states first: under FSDP gathering them is a collective every rank joins
         state = {"optimizers": [parallel.optimizer_state(self.model, o) for o in self.optimizers],
-                 "step": self.step, "train_time": self.train_time, "compile_time": self.compile_time,
-                 "timed_units": self.timed_units, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "step": self.step, "train_time": self.timer.train_time, "compile_time": self.timer.warmup_time,
+                 "timed_units": self.timer.units, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
                  "units_per_step": self.units_per_step, "skipped": self.skipped, "sharded": self.sharded,
                  "world_size": self.dist.world}
         if self.device.type == "cuda":
@@ -269,8 +301,8 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.step, self.train_time, self.compile_time = state["step"], state["train_time"], state["compile_time"]
-        self.timed_units, self.skipped = state["timed_units"], state.get("skipped", 0)
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        self.timer.train_time, self.timer.warmup_time, self.timer.units = state["train_time"], state["compile_time"], state["timed_units"]
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,14 +311,14 @@ class Trainer:
         mine = self.accum.micro_batches
         for j in range(self.accum.total):  # every rank draws every micro-batch: one data position for all
             if j not in mine:
-                self._skip_batch()
+                self.data.skip_batch()
                 continue
             batch = to_device(distributed.take_rows(self.data.next_batch(), self.accum.rows), self.device)
             # the task's random draws (noise, times, crops) follow from (seed, step, micro-batch), whichever
             # rank trains it: N processes draw what one would, and a resumed run what an uninterrupted one would
             torch.manual_seed(self._micro_seed(j))
             with parallel.accumulating(self.forward_model, self.model, sync=j == mine[-1]):
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                with self._autocast():
                     loss = self.task.loss(self.forward_model, batch)
                 (loss / len(mine)).backward()
             total += loss.detach()
@@ -308,19 +340,14 @@ class Trainer:
         if not skip:
             for opt in self.optimizers:
                 opt.step()
-            after = getattr(self.model, "after_optimizer_step", None)  # state a model moves outside the gradient
-            if after is not None:
-                after()
+            if isinstance(self.model, ModelHooks):  # state a model moves outside the gradient
+                self.model.after_optimizer_step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if self.ema is not None and not skip:
             self.ema.update(self.model)
         self.step += 1
         return total / len(mine), grad_norm
-
-    def _skip_batch(self) -> None:
-        skip = getattr(self.data, "skip_batch", None)  # a source that can advance without building the batch
-        skip() if skip is not None else self.data.next_batch()
 
     def _micro_seed(self, micro_batch: int) -> int:
         return (self.cfg.seed * 1_000_003 + self.step) * 1_009 + micro_batch
@@ -344,36 +371,47 @@ class Trainer:
             return
         position, rng = self.data.state_dict(), torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with self._autocast():
             self.ema.measure_batchnorm(lambda shadow: self.task.loss(shadow, to_device(self.data.next_batch(), self.device)))
         self.data.load_state_dict(position)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, self.device)
 
-    def _evaluate(self, logger: MetricsLogger) -> dict:
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """The model to evaluate or sample (the EMA's when kept), in eval mode, without gradients,
+        in the training precision, with a sharded root's weights gathered; training mode after."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast(), parallel.gathered(self.model):
+                yield self.eval_model()
+        finally:
+            self.model.train()
+
+    def _evaluate(self, logger: MetricsLogger, bar) -> dict:
         # rank 0 alone under DDP (the whole model is there); every rank under FSDP, whose forward
         # gathers weights from all of them
         if not (self.dist.main or self.sharded):
             return {}
-        self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
-                parallel.gathered(self.model):
-            metrics = self.task.evaluate(self.eval_model())
-        self.model.train()
+        with self._inference() as model:
+            metrics = self.task.evaluate(model)
         if self.dist.main:
             logger.log(self.step, "eval", units=self.step * self.units_per_step, **metrics)
+        if not self.quiet:
+            bar.write(f"step {self.step} ({self.step * self.units_per_step:,} {self.task.unit}): "
+                      + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
     def _sample(self, logger: MetricsLogger) -> None:
         self._check_run_dir()  # the sample hook creates folders under it
         if not (self.dist.main or self.sharded):
             return
-        self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
-                parallel.gathered(self.model), _output_folder(self.run_dir, self.dist.main) as folder:
-            self.task.sample(self.eval_model(), self.step, folder, logger)
-        self.model.train()
+        with self._inference() as model, _output_folder(self.run_dir, self.dist.main) as folder:
+            self.task.sample(model, self.step, folder, logger)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -382,13 +420,53 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, on_start: Callable[[], None] | None = None) -> dict:
         """Train to the budget. `on_start` runs once the checkpoint (if any) has been restored and
         before anything is written, so a refused resume leaves the run folder as it was."""
-        cfg, unit = self.cfg, self.task.unit
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        logger = self._open_run(resume_from, on_start)
+        self.model.train()
+        eval_metrics: dict = {}
+        # this process's first step pays for compilation, and on a GPU for kernel selection and the
+        # compiled loss chunks (shared/losses.py) even in an eager run: it is warm-up, not training time
+        self.timer.warming = cfg.compile or self.device.type == "cuda"
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.quiet, mininterval=1.0)
+        with _stop_on_interrupt(self), contextlib.closing(bar):  # an error is printed below the bar, not over it
+            self.timer.start()
+            while self.step < self.total_steps:
+                if self.stop_requested and not self.dist.active:
+                    self._stop(bar, logger)
+                loss, grad_norm = self.train_step()
+                self.timer.stepped(self.units_per_step)
+                bar.update(1)
+                due = self._due()
+                if not any(due):
+                    continue  # no host synchronisation between logging points: the GPU runs ahead
+                self._check_run_dir()
+                loss_value = distributed.mean_across(loss).item() if due.log else math.nan
+                self._check_finite()
+                self.timer.lap()
+                if math.isfinite(loss_value):  # nan: not a logging step, or a skipped step
+                    self._log_train(logger, bar, loss_value, grad_norm)
+                if due.eval:
+                    eval_metrics = self._evaluate(logger, bar)
+                if due.sample:
+                    self._sample(logger)
+                if due.checkpoint:
+                    self.save()
+                if self.dist.active and self._stop_agreed():  # ranks stop at the same step, checked where they sync anyway
+                    self._stop(bar, logger)
+                self.timer.start()  # evaluation, samples and checkpoints are not training time
+        bar.close()
+        logger.close()
+        return self._finish(eval_metrics)
+
+    def _open_run(self, resume_from: Path | None, on_start: Callable[[], None] | None) -> MetricsLogger | _NullLogger:
+        """Restore the checkpoint (refusing a finished run before anything is rewritten), make the
+        run folder ready on rank 0, and open the metrics."""
         if resume_from is not None:
-            refuse_finished(resume_from, self.run_dir, cfg.budget, unit)  # before the run folder is rewritten
+            refuse_finished(resume_from, self.run_dir, self.cfg.budget, self.task.unit)
             self._restore(resume_from)
-        main = self.dist.main
-        if main:
+        if self.dist.main:
             check_writable(self.run_dir / "checkpoints", "the checkpoint folder")  # before the first step, not at the first save
             for partial in (self.run_dir / "checkpoints").glob(".step_*.partial"):  # left by a killed process
                 shutil.rmtree(partial, ignore_errors=True)
@@ -396,73 +474,31 @@ class Trainer:
                 on_start()
         distributed.barrier()  # the run folder is ready before any rank trains
         self.run_dir_made = True
-        logger = MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
-                               wandb=cfg.wandb, config=self._saved_config()) if main else _NullLogger()
-        self.model.train()
-        eval_metrics: dict = {}
-        # this process's first step pays for compilation, and on a GPU for kernel selection and the
-        # compiled loss chunks (shared/losses.py) even in an eager run: it is warm-up, not training time
-        warmup_left = 1 if cfg.compile or self.device.type == "cuda" else 0
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=self.quiet, mininterval=1.0)
-        window_units, window_time, pending_steps = 0, 0.0, 0
-        self._sync()
-        mark = time.perf_counter()
-        with _stop_on_interrupt(self), contextlib.closing(bar):  # an error is printed below the bar, not over it
-            while self.step < self.total_steps:
-                if self.stop_requested and not self.dist.active:
-                    self._stop(bar, logger)
-                loss, grad_norm = self.train_step()
-                pending_steps += 1
-                bar.update(1)
-                last = self.step == self.total_steps
-                log_now = bool(warmup_left) or self.step % cfg.log_every == 0 or last
-                due = [self._crossed(every) or last for every in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)]
-                if not (log_now or any(due)):
-                    continue  # no host synchronisation between logging points: the GPU runs ahead
-                self._check_run_dir()
-                loss_value = distributed.mean_across(loss).item() if log_now else None
-                if distributed.any_across(self.nonfinite).item():  # set on the device by any step since the last check
-                    raise UserError(f"training diverged: a non-finite loss or gradient norm by step {self.step}; "
-                                    "no checkpoint of it was written (train.on_nonfinite=\"skip\" skips such steps)")
-                self._sync()
-                dt, now_units = time.perf_counter() - mark, pending_steps * self.units_per_step
-                if warmup_left:
-                    self.compile_time += dt
-                    warmup_left = 0
-                else:
-                    self.train_time += dt
-                    self.timed_units += now_units
-                    window_units += now_units
-                    window_time += dt
-                pending_steps = 0
-                if loss_value is not None and not math.isfinite(loss_value):
-                    loss_value = None  # a skipped step (a stopping run was refused above): nothing to log
-                if loss_value is not None:
-                    rate = window_units / window_time if window_time > 0 else 0.0
-                    extra = self.task.train_metrics() if hasattr(self.task, "train_metrics") else {}
-                    logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss_value,
-                               grad_norm=grad_norm.item(), lr_mult=lr_multiplier(self.step - 1, self.total_steps, self.optim_cfg),
-                               **{f"{unit}_per_s": rate}, **extra,
-                               **({"ema_decay": self.ema.last_decay} if self.ema is not None else {}))
-                    bar.set_postfix({"loss": f"{loss_value:.4f}", f"{unit}/s": f"{rate:,.0f}"})
-                    window_units, window_time = 0, 0.0
-                if due[0]:
-                    eval_metrics = self._evaluate(logger)
-                    if not self.quiet:
-                        bar.write(f"step {self.step} ({self.step * self.units_per_step:,} {unit}): "
-                                  + " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
-                if due[1]:
-                    self._sample(logger)
-                if due[2]:
-                    self.save()
-                if self.dist.active and self._stop_agreed():  # ranks stop at the same step, checked where they sync anyway
-                    self._stop(bar, logger)
-                self._sync()
-                mark = time.perf_counter()  # evaluation, samples and checkpoints are not training time
-        bar.close()
-        logger.close()
-        return self._finish(eval_metrics)
+        if not self.dist.main:
+            return _NullLogger()
+        return MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+                             wandb=self.cfg.wandb, config=self._saved_config())
+
+    def _due(self) -> "Due":
+        """What this step boundary owes: a training-loss record (also after the warm-up step),
+        and the evaluation, samples and checkpoint whose cadence it crosses (all at the last step)."""
+        last, cfg = self.step == self.total_steps, self.cfg
+        return Due(log=self.timer.warming or self.step % cfg.log_every == 0 or last,
+                   eval=self._crossed(cfg.eval_every) or last, sample=self._crossed(cfg.sample_every) or last,
+                   checkpoint=self._crossed(cfg.ckpt_every) or last)
+
+    def _check_finite(self) -> None:
+        if distributed.any_across(self.nonfinite).item():  # set on the device by any step since the last check
+            raise UserError(f"training diverged: a non-finite loss or gradient norm by step {self.step}; "
+                            "no checkpoint of it was written (train.on_nonfinite=\"skip\" skips such steps)")
+
+    def _log_train(self, logger: MetricsLogger, bar, loss: float, grad_norm: torch.Tensor) -> None:
+        unit, rate = self.task.unit, self.timer.rate()
+        extra = self.task.train_metrics(self.model)
+        logger.log(self.step, "train", units=self.step * self.units_per_step, loss=loss, grad_norm=grad_norm.item(),
+                   lr_mult=lr_multiplier(self.step - 1, self.total_steps, self.optim_cfg), **{f"{unit}_per_s": rate},
+                   **extra, **({"ema_decay": self.ema.last_decay} if self.ema is not None else {}))
+        bar.set_postfix({"loss": f"{loss:.4f}", f"{unit}/s": f"{rate:,.0f}"})
 
     def _saved_config(self) -> dict | None:
         """The resolved config the script saved in the run folder (what W&B records), if any."""
@@ -490,9 +526,9 @@ class Trainer:
             "unit": unit,
             unit: units,
             "params": count_params(self.model),
-            "train_time_s": round(self.train_time, 3),
-            "compile_warmup_s": round(self.compile_time, 3),
-            f"{unit}_per_s": round(self.timed_units / self.train_time, 1) if self.train_time > 0 else None,
+            "train_time_s": round(self.timer.train_time, 3),
+            "compile_warmup_s": round(self.timer.warmup_time, 3),
+            f"{unit}_per_s": round(self.timer.units / self.timer.train_time, 1) if self.timer.train_time > 0 else None,
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update

@@ -4,6 +4,7 @@ checkout when it exists); tests that need it skip cleanly without it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def pytest_configure(config):
     deterministic kernels, and two-process tests one device per process): the GPU is hidden from
     this process and the scripts it starts, unless the run selects the `gpu` tests (pytest -m gpu)."""
     markexpr = config.option.markexpr or ""
-    if "gpu" not in markexpr or "not gpu" in markexpr:
+    if not re.search(r"(?<!not )\bgpu\b", markexpr):  # `-m gpu` selects them; `-m gpu_paths` or `not gpu` does not
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     else:  # cuBLAS reads it when its first handle is made: the exact-resume GPU test runs deterministic kernels
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -239,6 +239,7 @@ def test_an_empty_blueberry_cache_means_the_default(tmp_path, monkeypatch):
     assert cache_root() == Path(".cache/blueberry")  # not the current folder
 
 
+@pytest.mark.slow
 def test_blueberry_cache_or_data_cache_dir_at_a_file_is_one_line(tmp_path, monkeypatch):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")

@@ -23,7 +23,7 @@ BUILDERS = {
     "llm": lambda d, *o: llm_trainer(d, *o),
     "llm-doc-mask": lambda d, *o: llm_trainer(d, "data.doc_mask=true", *o),
     # the grouped matmul compiles in bf16 only (CPU and CUDA alike)
-    "llm-moe": lambda d, *o: llm_trainer(d, *MOE, "model.moe_bias_rate=0.001", *o),
+    "llm-moe": lambda d, *o: llm_trainer(d, *MOE, "model.moe.bias_rate=0.001", *o),
     "flow_matching": flow_matching_trainer,
     "vqvae": lambda d, *o: vqvae_trainer(d, "model.dead_threshold=4.0", *o),
     "multimodal": multimodal_trainer,

@@ -67,6 +67,7 @@ def test_accumulation_plans():
         plan_accumulation(3, 5, 0, 2)
 
 
+@pytest.mark.slow
 def test_llm_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     one = launch("train_llm.py", *LLM, *MICRO, "--experiment_name", "one", cwd=tmp_path, procs=0)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -94,10 +95,11 @@ def test_llm_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     assert_same(runs / "fsdp-resumed", runs / "fsdp", 1e-6)
 
 
+@pytest.mark.slow
 def test_moe_with_balancing_bias_two_processes_equal_one(tmp_path):
     """Two micro-batches per process, the bias moved from the load summed over both. (Later steps
     drift apart: a weight difference of 1e-7 flips a near tie in routing.)"""
-    moe = ["model.moe_experts=4", "model.moe_top_k=2", "model.moe_hidden=256", "model.moe_bias_rate=0.01",
+    moe = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.hidden=256", "model.moe.bias_rate=0.01",
            "train.batch_size=4", "train.grad_accum=4", "train.budget=4096", "train.eval_every=2048", "train.ckpt_every=0"]
     for name, procs in (("one", 0), ("two", 2)):
         proc = launch("train_llm.py", *LLM, *moe, "--experiment_name", f"moe-{name}", cwd=tmp_path, procs=procs)
@@ -105,6 +107,7 @@ def test_moe_with_balancing_bias_two_processes_equal_one(tmp_path):
     assert_same(tmp_path / "runs" / "moe-one", tmp_path / "runs" / "moe-two", 1e-5)
 
 
+@pytest.mark.slow
 def test_image_trainers_two_processes_equal_one(tmp_path):
     """Flow matching draws noise per micro-batch from (seed, step, micro-batch), so it matches to
     the bit; the VQ-VAE's codebook statistics are gathered from both processes (rows split)."""
@@ -118,6 +121,7 @@ def test_image_trainers_two_processes_equal_one(tmp_path):
         assert_same(tmp_path / "runs" / f"{script}-one", tmp_path / "runs" / f"{script}-two", tol)
 
 
+@pytest.mark.slow
 def test_fsdp_refuses_ema_in_one_line(tmp_path):
     proc = launch("train_flow_matching.py", "--config", "debug", "train.parallel=fsdp", "train.budget=64",
                   "--experiment_name", "x", cwd=tmp_path)

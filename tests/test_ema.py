@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from shared.classifier import ClassifierModelConfig, ClassifierTask, ResNet9
+from judge.classifier import ClassifierTask, ResNet9
+from judge.config import ClassifierModelConfig
 from shared.ema import EMA, warmup_horizon
 from shared.images import ImageBatches, ImageSet
 from shared.optim import OptimConfig

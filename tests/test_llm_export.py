@@ -26,6 +26,7 @@ from llm.tokenizer import TextTokenizer, train_bpe
 from shared.checkpoint import save_checkpoint
 from shared.config import from_dict, load_toml
 from shared.errors import UserError
+from shared.moe import MoEConfig
 from shared.run import save_config
 
 transformers = pytest.importorskip("transformers")  # a test extra: pip install -e ".[dev]"
@@ -176,7 +177,7 @@ def test_model_card_holds_the_run_summary(tmp_path):
 
 
 def test_export_refuses_moe_and_a_used_folder(tmp_path):
-    fake_run(tmp_path / "moe", moe_experts=4, moe_hidden=32)
+    fake_run(tmp_path / "moe", moe=MoEConfig(experts=4, hidden=32))
     with pytest.raises(UserError, match="mixture of experts"):
         export_run(load_llm_run(tmp_path / "moe"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))  # nothing left behind

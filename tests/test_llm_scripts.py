@@ -19,6 +19,7 @@ def test_missing_data_path_is_one_clear_line(tmp_path):
     assert_one_line_error(proc, "data path not found", "nope")
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_one_clear_line(tmp_path):
     proc = run_script("train_llm.py", "--config", DEBUG, "train.batchsize=8", "--experiment_name", "x", cwd=tmp_path)
     assert_one_line_error(proc, "unknown config key", "batchsize")  # overrides may come before a flag
@@ -34,6 +35,7 @@ def test_unreachable_hub_names_offline_options(tmp_path):
     assert_one_line_error(proc, "--data builtin")
 
 
+@pytest.mark.slow
 def test_train_resume_generate_and_corrupt_checkpoint(tmp_path):
     proc = run_script("train_llm.py", "--config", DEBUG, "--experiment_name", "tiny", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -81,6 +83,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_debug_preset_learns_real_text_well_below_unigram_entropy(tmp_path, data_dir):
     text = data_dir / "text" / "state_union"
     if not text.is_dir():

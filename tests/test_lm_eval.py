@@ -79,6 +79,7 @@ def items() -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_an_export_as_evaluate_llm_does(tmp_path):
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in items()))

@@ -19,7 +19,7 @@ from llm.model import Decoder, DecoderConfig, active_params
 from llm.task import LanguageModelTask
 from shared.blocks import MLPS
 from shared.errors import ConfigError
-from shared.moe import ALIGN, MoE
+from shared.moe import ALIGN, MoE, MoEConfig
 from shared.muon import Muon
 from shared.optim import OptimConfig
 from shared.syncs import SyncCounter
@@ -133,24 +133,25 @@ def test_muon_orthogonalises_each_expert_on_its_own():
 
 
 def test_config_counts_and_refusals():
-    cfg = DecoderConfig(vocab_size=64, moe_experts=8, moe_top_k=2, moe_hidden=128, moe_dense_layers=1)
+    cfg = DecoderConfig(vocab_size=64, moe=MoEConfig(experts=8, top_k=2, hidden=128, dense_layers=1))
     model = Decoder(cfg, 16)
     assert len(model.moe_layers()) == 3
     expert_params = 3 * 8 * 2 * 128 * 128
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert total - active_params(model) == expert_params * 6 // 8
-    with pytest.raises(ConfigError, match="moe_top_k"):
-        DecoderConfig(moe_experts=2, moe_top_k=3)
-    with pytest.raises(ConfigError, match="moe_capacity_factor"):
-        DecoderConfig(moe_experts=2, moe_capacity_factor=0.5)
-    with pytest.raises(ConfigError, match="moe_aux_weight"):
-        DecoderConfig(moe_experts=2, moe_aux_weight=float("nan"))
+    with pytest.raises(ConfigError, match=r"moe\.top_k"):
+        MoEConfig(experts=2, top_k=3)
+    with pytest.raises(ConfigError, match=r"moe\.capacity_factor"):
+        MoEConfig(experts=2, capacity_factor=0.5)
+    with pytest.raises(ConfigError, match=r"moe\.aux_weight"):
+        MoEConfig(experts=2, aux_weight=float("nan"))
 
 
+@pytest.mark.slow
 def test_moe_debug_trains_logs_and_resumes_exactly(tmp_path):
     args = ["--config", "moe-debug", "data.builtin_docs=300", 'data.tokenizer="bpe:400"', "data.seq_len=32",
             "train.batch_size=4", "train.budget=2048", "train.eval_every=1024", "train.ckpt_every=1024", "train.log_every=2",
-            "model.moe_bias_rate=0.01", "sample.max_new_tokens=4"]
+            "model.moe.bias_rate=0.01", "sample.max_new_tokens=4"]
     proc = run_script("train_llm.py", *args, "--experiment_name", "moe", cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mixture of 8 experts, top-2" in proc.stdout and "M active" in proc.stdout
@@ -266,7 +267,7 @@ def test_forward_and_backward_never_wait_for_the_host(capacity_factor):
 
 def test_moe_decoder_training_step_issues_no_host_sync(tmp_path):
     torch.manual_seed(0)
-    cfg = DecoderConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=64, vocab_size=64, moe_experts=4)
+    cfg = DecoderConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=64, vocab_size=64, moe=MoEConfig(experts=4))
     tokens = np.tile(np.arange(50, dtype=np.uint16), 200)
     train = TrainConfig(budget=10_000, batch_size=4, grad_accum=2, log_every=100)
     trainer = Trainer(Decoder(cfg, 32), LanguageModelTask(torch.zeros(2, 33, dtype=torch.long), None),
@@ -275,9 +276,9 @@ def test_moe_decoder_training_step_issues_no_host_sync(tmp_path):
     with SyncCounter() as c:
         trainer.train_step()
     assert c.total == 0, dict(c.counts)
-    stats = trainer.task.train_metrics()  # the one sync, at a logging point
+    stats = trainer.task.train_metrics(trainer.model)  # the one sync, at a logging point
     assert sum(stats["moe/layer1/tokens_per_expert"]) == 2 * 2 * 4 * 32 * 2  # steps x micro-batches x tokens x top-2
-    assert trainer.task.train_metrics() == {}  # nothing since
+    assert trainer.task.train_metrics(trainer.model) == {}  # nothing since
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])

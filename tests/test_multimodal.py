@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, assert_one_line_error, run_script
+from judge.classifier import ClassifierTask, ResNet9, class_accuracy
+from judge.config import ClassifierModelConfig
 from llm.config import padded_vocab
 from llm.generate import generate
 from multimodal.captions import CaptionTable, article, class_in_caption, display_names, render
@@ -23,7 +25,6 @@ from multimodal.sampling import caption_scores, guidance_mix, sample_images, wri
 from multimodal.sequences import IGNORE, TEXT, VISUAL, SequenceLayout
 from multimodal.vocab import SPECIALS, Vocabulary
 from shared.blocks import KVCache, apply_rope, rope_1d
-from shared.classifier import ClassifierModelConfig, ClassifierTask, ResNet9, class_accuracy
 from shared.errors import ConfigError, UserError
 from shared.images import generate_shapes, read_image_files, to_float
 
@@ -356,6 +357,7 @@ def shapes_classifier():
     return model
 
 
+@pytest.mark.slow
 def test_debug_training_lowers_both_losses_and_draws_the_classes(debug_run, shapes_classifier):
     cwd, run = debug_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -384,6 +386,7 @@ def test_debug_training_lowers_both_losses_and_draws_the_classes(debug_run, shap
     assert accuracy > 0.15, accuracy
 
 
+@pytest.mark.slow
 def test_generate_grid_prompt_and_captions(debug_run, tmp_path):
     cwd, run = debug_run
     env = {"OMP_NUM_THREADS": "1"}
@@ -411,6 +414,7 @@ def test_generate_grid_prompt_and_captions(debug_run, tmp_path):
     assert sum(result["zero_shot_per_class"].values()) > 0 or result["zero_shot_accuracy"] == 0
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line(debug_run, vqvae_debug_run, tmp_path):
     cwd, run = debug_run
     proc = run_script("train_multimodal.py", "--config", DEBUG, cwd=tmp_path)

@@ -5,11 +5,15 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
+from judge.config import ClassifierOptimConfig, ClassifierRunConfig
 from llm.model import Decoder, DecoderConfig
+from shared.config import load_config
+from shared.contracts import ModelHooks
 from shared.errors import ConfigError
-from shared.muon import Muon, orthogonalize
+from shared.muon import STACKED, Muon, orthogonalize
 from shared.optim import OptimConfig, build_optimizers, lr_multiplier, split_params
 
 
@@ -77,9 +81,13 @@ def test_conv_filters_go_to_muon_only_when_asked_and_step_as_flattened_matrices(
     torch.testing.assert_close(conv.detach().reshape(16, 72), flat.detach())
 
 
+class _HeadedNet(ModelHooks, nn.Sequential):
+    ADAM_NAMES = ("head",)  # as the classifiers declare their head
+
+
 def test_sgd_for_the_rest_gives_heads_their_rate_and_every_group_the_same_decay():
-    model = nn.Sequential(OrderedDict(body=nn.Linear(4, 4), norm=nn.LayerNorm(4), head=nn.Linear(4, 2, bias=False)))
-    cfg = OptimConfig(other_optimizer="sgd", adam_lr=2.0, head_lr=8.0, adam_weight_decay=0.01, sgd_momentum=0.85)
+    model = _HeadedNet(OrderedDict(body=nn.Linear(4, 4), norm=nn.LayerNorm(4), head=nn.Linear(4, 2, bias=False)))
+    cfg = ClassifierOptimConfig(other_optimizer="sgd", adam_lr=2.0, head_lr=8.0, adam_weight_decay=0.01, sgd_momentum=0.85)
     muon, sgd = build_optimizers(model, cfg)
     assert isinstance(muon, Muon) and isinstance(sgd, torch.optim.SGD)
     group = {id(p): g for g in sgd.param_groups for p in g["params"]}
@@ -88,14 +96,122 @@ def test_sgd_for_the_rest_gives_heads_their_rate_and_every_group_the_same_decay(
     for g in sgd.param_groups:  # torch.optim.SGD shrinks by lr * weight_decay per step
         assert g["lr"] * g["weight_decay"] == pytest.approx(0.02) and g["nesterov"] and g["momentum"] == 0.85
     # without head_lr the rest is one group, the layout of checkpoints saved before the option
-    _, adam = build_optimizers(model, OptimConfig())
+    _, adam = build_optimizers(model, ClassifierOptimConfig())
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 1
     with pytest.raises(ConfigError, match="other_optimizer"):
-        OptimConfig(other_optimizer="lion")
+        ClassifierOptimConfig(other_optimizer="lion")
     with pytest.raises(ConfigError, match="sgd_momentum"):
-        OptimConfig(other_optimizer="sgd")  # no momentum given
+        ClassifierOptimConfig(other_optimizer="sgd")  # no momentum given
     with pytest.raises(ConfigError, match="sgd_momentum"):
-        OptimConfig(sgd_momentum=0.9)  # would be ignored by AdamW
+        ClassifierOptimConfig(sgd_momentum=0.9)  # would be ignored by AdamW
+
+
+# ------------------------------------------------------------------ every model's split, as before
+# Before the models declared ADAM_NAMES, the scripts passed split_kwargs and split_params matched
+# module names against them, or against its default; this is that rule, copied as it was.
+_DEFAULT_NAMES = ("lm_head", "head", "router")
+
+
+def _split_before(model: nn.Module, adam_names: tuple[str, ...], conv: bool) -> tuple[list, list]:
+    muon, adam, seen = [], [], set()
+    for mod_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_head = mod_name.split(".")[-1] in adam_names
+            matrix = p.ndim == 2 or (conv and p.ndim == 4 and isinstance(module, nn.Conv2d)) or getattr(p, STACKED, False)
+            if matrix and not isinstance(module, (nn.Embedding,)) and not is_head:
+                muon.append(p)
+            else:
+                adam.append(p)
+    return muon, adam
+
+
+def _llm(preset: str, *overrides: str):
+    from llm.config import LLMRunConfig
+    cfg = load_config(LLMRunConfig, ROOT / "configs" / "llm" / f"{preset}.toml", ["model.vocab_size=64", *overrides])
+    return Decoder(cfg.model, cfg.data.seq_len), cfg.optim, _DEFAULT_NAMES
+
+
+def _vqvae(*overrides: str):
+    from vqvae.config import VQVAERunConfig
+    from vqvae.model import VQVAE
+    cfg = load_config(VQVAERunConfig, ROOT / "configs" / "vqvae" / "debug.toml", list(overrides))
+    return VQVAE(cfg.model, cfg.discriminator()), cfg.optim, ("quantizer",)  # scripts/train_vqvae.py's
+
+
+def _dit():
+    from flow_matching.config import FlowMatchingRunConfig
+    from flow_matching.dit import DiT2D
+    cfg = load_config(FlowMatchingRunConfig, ROOT / "configs" / "flow_matching" / "debug.toml", ["model.num_classes=10"])
+    return DiT2D(cfg.model), cfg.optim, ("patch_embed", "head")  # scripts/train_flow_matching.py's
+
+
+def _multimodal():
+    from multimodal.config import MultimodalRunConfig
+    from multimodal.model import MultimodalDecoder
+    from multimodal.vocab import Vocabulary
+    cfg = load_config(MultimodalRunConfig, ROOT / "configs" / "multimodal" / "debug.toml", ["model.vocab_size=128"])
+    return MultimodalDecoder(cfg.model, 40, Vocabulary(64, 32, (4, 4), "text", "vq")), cfg.optim, _DEFAULT_NAMES
+
+
+def _classifier(preset: str):
+    from judge.classifier import build_classifier
+    cfg = load_config(ClassifierRunConfig, ROOT / "configs" / "classifier" / f"{preset}.toml", ["model.num_classes=10"])
+    return build_classifier(cfg.model), cfg.optim, _DEFAULT_NAMES
+
+
+MODELS = {
+    "llm-dense": lambda: _llm("debug"),
+    "llm-moe": lambda: _llm("moe-debug"),
+    "llm-untied": lambda: _llm("debug", "model.tie_embeddings=false", "model.value_embeds=1"),
+    "vqvae": lambda: _vqvae(),
+    "vqvae-loss-codebook-gan": lambda: _vqvae("model.codebook_update=\"loss\"", "gan.weight=0.1"),
+    "dit": _dit,
+    "multimodal": _multimodal,
+    "classifier-resnet9": lambda: _classifier("resnet9"),
+    "classifier-airbench": lambda: _classifier("airbench"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_splits_between_muon_and_adamw_as_its_script_did(name):
+    """Each model's ADAM_NAMES gives the split that the scripts' split_kwargs (or the default
+    names) gave, parameter for parameter, in the same order."""
+    torch.manual_seed(0)
+    model, optim, names_before = MODELS[name]()
+    param_name = {id(p): n for n, p in model.named_parameters()}
+    now = [[param_name[id(p)] for p in ps] for ps in split_params(model, conv=optim.muon_conv)]
+    before = [[param_name[id(p)] for p in ps] for ps in _split_before(model, names_before, optim.muon_conv)]
+    assert now[0] == before[0] and now[1] == before[1]
+    assert now[0] and now[1]  # both optimisers have work: the comparison is not vacuous
+    opts = build_optimizers(model, optim)
+    assert [[param_name[id(p)] for g in o.param_groups for p in g["params"]] for o in opts] == now
+
+
+def test_the_airbench_head_rate_reaches_the_modules_named_head():
+    """The classifier's head group holds what the rule before held: every module whose name ends in "head"."""
+    model, optim, _ = _classifier("airbench")
+    _, sgd = build_optimizers(model, optim)
+    before = {id(p) for name, m in model.named_modules() if name.endswith("head") for p in m.parameters()}
+    assert isinstance(sgd, torch.optim.SGD) and [g["lr"] for g in sgd.param_groups] == [optim.adam_lr, optim.head_lr]
+    assert {id(p) for p in sgd.param_groups[1]["params"]} == before
+
+
+def test_runs_saved_with_the_classifier_keys_in_shared_optim_still_load(tmp_path):
+    """Every run's config.toml held optim.other_optimizer, sgd_momentum and head_lr before they
+    moved to the classifier's config: at their defaults they load, otherwise one line refuses them."""
+    from llm.config import LLMRunConfig
+    old = ["optim.other_optimizer=\"adamw\"", "optim.sgd_momentum=0.0", "optim.head_lr=0"]
+    cfg = load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", old)
+    assert cfg == load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml")
+    with pytest.raises(ConfigError, match=r"'optim.head_lr' = 5.0 is retired; only its old default 0.0 still loads"):
+        load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.head_lr=5.0"])
+    with pytest.raises(ConfigError, match="unknown config key 'optim.head_rate'"):
+        load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.head_rate=5.0"])
+    clf = load_config(ClassifierRunConfig, ROOT / "configs" / "classifier" / "airbench.toml").optim
+    assert (clf.other_optimizer, clf.sgd_momentum, clf.head_lr) == ("sgd", 0.85, 1340.0)
 
 
 def test_muon_rejects_non_matrices():

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LLM_DEBUG as DEBUG
+from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
+from test_trainer import make
 
-from conftest import LLM_DEBUG as DEBUG, ROOT, TINY_LLM, assert_one_line_error, run_script
 from shared import checkpoint as ckpt_mod
 from shared.checkpoint import resolve_checkpoint
+from shared.contracts import Task
 from shared.errors import UserError
 from shared.run import lock_run_dir
-from test_trainer import make
 
 # a tiny run with a checkpoint every 4 steps: kills land before, between and inside checkpoints
 TINY = [*TINY_LLM, "train.budget=3072", "train.ckpt_every=512", "train.log_every=1", "train.keep_checkpoints=1"]
@@ -55,6 +57,7 @@ def finish(run_name: str, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_same_losses(tmp_path):
     ref = run_script("train_llm.py", "--config", DEBUG, "--experiment_name", "ref", *TINY, cwd=tmp_path, env_extra=ENV)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -121,7 +124,7 @@ def test_a_busy_run_folder_is_refused(tmp_path):
     assert [p.name for p in run.iterdir()] == [".lock"]  # nothing of the refused run was written
 
 
-class NaNAt:
+class NaNAt(Task):
     """Wraps a task: the loss is NaN at one step (a batch made NaN on purpose)."""
 
     def __init__(self, task, at_call: int):
@@ -134,9 +137,6 @@ class NaNAt:
 
     def evaluate(self, model):
         return self.task.evaluate(model)
-
-    def sample(self, *a):
-        pass
 
 
 def test_nonfinite_steps_stop_or_skip_and_never_reach_a_checkpoint(tmp_path):
@@ -173,6 +173,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert resolve_checkpoint(tmp_path / "run") == good and not list(good.parent.glob(".step_*"))
 
 
+@pytest.mark.slow
 def test_bad_values_are_one_line_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("")
     (tmp_path / "int.jsonl").write_text('{"text": 42}\n')

@@ -18,7 +18,7 @@ from llm.config import LLMRunConfig
 from llm.data import PackedBatches
 from shared import checkpoint as ckpt_mod
 from shared.checkpoint import resolve_checkpoint
-from shared.config import load_config
+from shared.config import dump_toml, load_config, load_toml
 from shared.errors import ConfigError, UserError
 from shared.run import add_common_args, resolve_run, save_config
 from test_trainer import TOKENS, make
@@ -128,6 +128,46 @@ def test_a_multimodal_resume_keeps_its_tokenizer_and_may_find_its_vqvae_elsewher
     assert cfg.data.vqvae == str(moved)  # where it is now; train_multimodal.py checks it is the same by fingerprint
 
 
+OLD_MOE = dict(experts=0, top_k=2, hidden=0, shared_experts=0, dense_layers=0, capacity_factor=0.0, aux_weight=0.01,
+               z_weight=0.001, bias_rate=0.0)  # the flat moe_* keys every LLM config.toml held, at their defaults
+
+
+def flat_moe_run(path: Path, cfg) -> Path:
+    """A run whose config.toml names the MoE settings as runs did before [model.moe]: moe_experts, ..."""
+    fake_run(path, cfg)
+    data = load_toml(path / "config.toml")
+    moe = {**OLD_MOE, **data["model"].pop("moe", {})}
+    data["model"].update({f"moe_{k}": v for k, v in moe.items()})
+    (path / "config.toml").write_text(dump_toml(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["moe-debug", "debug"])
+def test_an_old_runs_flat_moe_keys_load_and_resume_without_a_change(tmp_path, name):
+    cfg = preset("llm", "llm.config.LLMRunConfig", name)
+    run = flat_moe_run(tmp_path / "runs" / "old", cfg)
+    assert "moe_experts" in (run / "config.toml").read_text()
+    assert load_config(LLMRunConfig, run / "config.toml").model == cfg.model  # moe_experts = 0: dense, moe None
+    base = ["--experiment_name", "old", "--runs_dir", str(tmp_path / "runs"), "--resume"]
+    again, run_dir, resume = resolve([*base, "train.budget=2048"])
+    assert again.model == cfg.model
+    save_config(again, run_dir, resume)
+    changes = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 4, "key": "train.budget", "before": cfg.train.budget, "after": 2048}]  # a rename is no change
+    assert "moe_" not in (run / "config.toml").read_text()
+    if name == "moe-debug":  # an architecture key under its old name is still refused
+        with pytest.raises(ConfigError, match=r"model\.moe\.top_k = 1 but .* trained with 2"):
+            resolve([*base, "model.moe_top_k=1"])
+
+
+def test_old_moe_names_on_the_command_line_override_the_new_table():
+    path = ROOT / "configs" / "llm" / "moe-debug.toml"
+    cfg = load_config(LLMRunConfig, path, ["model.moe_bias_rate=0.01", "model.moe_top_k=1"])
+    assert cfg.model.moe.bias_rate == 0.01 and cfg.model.moe.top_k == 1 and cfg.model.moe.experts == 8
+    assert load_config(LLMRunConfig, path, ["model.moe.experts=0"]).model.moe is None
+    assert load_config(LLMRunConfig, LLM_DEBUG, ["model.moe.experts=4"]).model.moe.top_k == 2
+
+
 @pytest.mark.parametrize("name", ["", "../../x", "a/b", ".."])
 def test_an_experiment_name_is_a_plain_name(tmp_path, name):
     """Before: "" fell back to the config's name, "../../x" wrote outside the runs folder."""
@@ -212,7 +252,7 @@ KINDS = {
     "vqvae": ("vqvae", "vqvae.config.VQVAERunConfig"),
     "flow_matching": ("flow_matching", "flow_matching.config.FlowMatchingRunConfig"),
     "multimodal": ("multimodal", "multimodal.config.MultimodalRunConfig"),
-    "classifier": ("classifier", "shared.classifier.ClassifierRunConfig"),
+    "classifier": ("classifier", "judge.config.ClassifierRunConfig"),
 }
 NAMES = {"llm": "text LLM", "vqvae": "VQ-VAE", "flow_matching": "flow-matching", "multimodal": "multimodal",
          "classifier": "classifier"}
@@ -313,6 +353,7 @@ def vqvae_run(run_dir: Path, budget: int, resume: Path | None = None) -> None:
     trainer.fit(resume, on_start=lambda: save_config(cfg, run_dir))
 
 
+@pytest.mark.slow
 def test_a_multimodal_run_keeps_the_vqvae_it_was_trained_on(tmp_path):
     """Before: resuming the VQ-VAE run moved its latest checkpoint on and pruned the one the
     multimodal run was trained on, which then failed to load ("not the one this run was trained on")."""

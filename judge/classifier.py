@@ -6,73 +6,27 @@ accuracy whether the conditioning worked. Two networks: the ResNet-9 of Page's f
 training (conv-BN-ReLU stages, max pooling, two residual blocks, a scaled linear head) and the
 three conv groups of Jordan's airbench94 (`model.arch`).
 
-Trained by scripts/train_classifier.py with the shared trainer; loaded by `load_classifier`.
+Trained by scripts/train_classifier.py with the shared trainer (its config and optimiser: config.py);
+loaded by `load_classifier`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_weights, resolve_checkpoint
-from .errors import ConfigError
-from .images import ImageSet, load_classes, to_float
-from .metrics import MetricsLogger
-from .optim import OptimConfig
-from .run import find_run_dir, load_run_config
-from .trainer import TrainConfig
+from shared.checkpoint import load_weights, resolve_checkpoint
+from shared.contracts import ModelHooks, Task
+from shared.errors import ConfigError
+from shared.images import ImageSet, load_classes, to_float
+from shared.metrics import MetricsLogger
+from shared.run import find_run_dir, load_run_config
 
-@dataclass
-class ClassifierModelConfig:
-    arch: Literal["resnet9", "airbench"] = "resnet9"
-    width: int = 64  # channels of the first stage; ResNet-9's later stages use 2x, 4x, 8x, airbench's 4x, 4x
-    num_classes: int = 0  # 0: taken from the data
-    head_scale: float = 0.125  # logits are scaled down, which trains faster (Page; airbench: 1 / channels)
-    flip_tta: bool = True  # predictions average the logits of each image and its mirror image
-    shift_tta: bool = False  # ... and, at half weight, of the image moved one pixel up-left and down-right
-    whiten: bool = False  # stem: a frozen 2x2 conv that whitens pixel patches (PatchWhitening), not a learned conv
-    filter_norm: bool = False  # rescale each conv's filters to norm sqrt(out channels) after every step (airbench)
-
-    def __post_init__(self):
-        if self.width <= 0:
-            raise ConfigError("model.width must be positive")
-        if self.arch not in ("resnet9", "airbench"):
-            raise ConfigError(f"model.arch must be \"resnet9\" or \"airbench\", got {self.arch!r}")
-        if self.arch == "airbench" and not self.whiten:
-            raise ConfigError("model.arch = \"airbench\" needs model.whiten = true (its stem is the whitening conv)")
-
-
-@dataclass
-class ClassifierDataConfig:
-    source: str = "cifar10"
-    drop_empty_classes: bool = False  # leave out class folders with no training images (with a note) instead of refusing them
-    crop_pad: int = 4  # random translations of up to this many pixels (reflection padding)
-    hflip: bool = True
-    eval_images: int = 10_000  # test images scored at each evaluation (the whole CIFAR-10 test split)
-    alternate_flip: bool = False  # mirror each image in every other epoch instead of at random
-
-
-@dataclass
-class ClassifierRunConfig:
-    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
-    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    label_smoothing: float = 0.2
-
-    def __post_init__(self):
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.model.flip_tta and not self.data.hflip:
-            raise ConfigError("model.flip_tta needs data.hflip: mirror images are only fair to a model trained on them")
-        if self.data.alternate_flip and not self.data.hflip:
-            raise ConfigError("data.alternate_flip needs data.hflip")
+from .config import ClassifierModelConfig, ClassifierRunConfig
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -117,13 +71,14 @@ class PatchWhitening(nn.Module):
         return self.activation(F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
 
 
-class Classifier(nn.Module):
+class Classifier(ModelHooks, nn.Module):
     """What the networks share: a `features` stack ending in a vector, a bias-free linear `head`
     whose logits are scaled by head_scale, test-time augmentation, the whitening stem's fit and
     the optional filter normalisation."""
 
     features: nn.Sequential
     head: nn.Linear
+    ADAM_NAMES = ("head",)  # the head's matrix trains with the rest (AdamW or SGD), not Muon: shared.optim.split_params
 
     def __init__(self, cfg: ClassifierModelConfig):
         super().__init__()
@@ -237,7 +192,7 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     return out.gather(3, cols)
 
 
-class ClassifierTask:
+class ClassifierTask(Task):
     unit = "images"
 
     def __init__(self, eval_set: ImageSet, crop_pad: int, label_smoothing: float, eval_batch_size: int = 500):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from shared.errors import UserError
+from shared.fid import InceptionFeatures, feature_stats, fid_from_stats, reference_stats
+from shared.images import load_images
+
 from .classifier import class_accuracy, load_classifier
-from .errors import UserError
-from .fid import InceptionFeatures, feature_stats, fid_from_stats, reference_stats
-from .images import load_images
 
 
 def count_label(n: int) -> str:
