@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from shared.cache import Stale, build_once, cache_root, check_folder
+from shared.config import expand_env
 from shared.contracts import BatchSource
 from shared.epochs import EpochOrder
 from shared.errors import ConfigError, UserError
@@ -62,6 +63,7 @@ class TextDataConfig:
     val_rows: int = 800  # pre-tokenised: rows evaluated (5-dollar-llm: its first 100 batches of 8)
 
     def __post_init__(self):
+        self.source, self.tokenizer = expand_env(self.source, "data.source"), expand_env(self.tokenizer, "data.tokenizer")
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:

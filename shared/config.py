@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import re
 import tomllib
 import types
 import typing
@@ -18,6 +20,21 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+
+ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_env(value: str, key: str) -> str:
+    """`${NAME}` in a path-valued setting replaced by the environment variable, so that a committed
+    preset can name data that lives elsewhere on each machine (configs/llm/cpu-16m.toml)."""
+    def lookup(m: re.Match) -> str:
+        if not os.environ.get(m.group(1)):
+            raise ConfigError(f"{key} = {value!r} needs the environment variable {m.group(1)}, which is not set: "
+                              f"export {m.group(1)}=<folder> or set {key} to a path")
+        return os.environ[m.group(1)]
+
+    return ENV_REF.sub(lookup, value)
 
 
 def _check_type(name: str, value: Any, tp: Any) -> Any:

@@ -80,3 +80,18 @@ def test_preset_schedules_suit_every_speedrun_budget(name, budget):
     assert max(lrs) == 1.0 and all(abs(b - a) <= 1.0 / warm + 1e-9 for a, b in zip(lrs, lrs[1:]))
     # validation fills within about 10M tokens of stream: the 8M run reads little past its budget
     assert cfg.data.val_tokens / cfg.data.val_fraction <= 12_000_000
+
+
+def test_cpu_16m_names_its_data_by_environment(monkeypatch):
+    path = ROOT / "configs" / "llm" / "cpu-16m.toml"
+    monkeypatch.setenv("BLUEBERRY_DATA_DIR", "/data/here")
+    cfg = load_config(LLMRunConfig, path, ["model.vocab_size=50304"])
+    assert cfg.data.source == "/data/here/text" and cfg.data.tokenizer == "/data/here/tokenizers/gpt2"
+    with torch.device("meta"):
+        model = Decoder(cfg.model, cfg.data.seq_len)
+    assert round(count_params(model) / 1e6) == 16 and cfg.train.budget // (16 * 256) == 244
+    monkeypatch.delenv("BLUEBERRY_DATA_DIR")
+    with pytest.raises(ConfigError, match=r"data.source = '\$\{BLUEBERRY_DATA_DIR\}/text' needs the environment "
+                                          "variable BLUEBERRY_DATA_DIR, which is not set"):
+        load_config(LLMRunConfig, path)
+    assert load_config(LLMRunConfig, path, ["data.source=a", "data.tokenizer=b"]).data.source == "a"
