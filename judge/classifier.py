@@ -79,6 +79,7 @@ class Classifier(ModelHooks, nn.Module):
     features: nn.Sequential
     head: nn.Linear
     ADAM_NAMES = ("head",)  # the head's matrix trains with the rest (AdamW or SGD), not Muon: shared.optim.split_params
+    HEAD_NAMES = ("head",)  # and at optim.head_lr when that is set
 
     def __init__(self, cfg: ClassifierModelConfig):
         super().__init__()

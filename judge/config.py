@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,7 +50,6 @@ class ClassifierOptimConfig(OptimConfig):
     # adam_lr, whose weight decay then shrinks every group by adam_lr * adam_weight_decay per step
     other_optimizer: Literal["adamw", "sgd"] = "adamw"
     sgd_momentum: float = 0.0  # that SGD's Nesterov momentum, in (0, 1) (airbench: 0.85); only with "sgd"
-    head_lr: float = 0.0  # learning rate of the classifier's head in that optimiser; 0: adam_lr
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,17 +59,10 @@ class ClassifierOptimConfig(OptimConfig):
         if not (0.0 < self.sgd_momentum < 1.0 if sgd else self.sgd_momentum == 0.0):
             raise ConfigError(f"optim.sgd_momentum must be in (0, 1) with other_optimizer = \"sgd\" and unset "
                               f"otherwise, got {self.sgd_momentum} with {self.other_optimizer!r}")
-        if not 0.0 <= self.head_lr < math.inf:
-            raise ConfigError(f"optim.head_lr must be >= 0 (0 = adam_lr), got {self.head_lr}")
 
     def rest_optimizer(self, model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """AdamW or Nesterov SGD for `params`, the parameters of `model.head` (the classifier's head)
-        at head_lr when it is set."""
-        groups = [dict(params=params, lr=self.adam_lr)]
-        if self.head_lr:  # a second group only when asked, so that older checkpoints' optimiser states still load
-            heads = {id(p) for p in model.head.parameters()}
-            groups = [g for g in (dict(params=[p for p in params if id(p) not in heads], lr=self.adam_lr),
-                                  dict(params=[p for p in params if id(p) in heads], lr=self.head_lr)) if g["params"]]
+        """AdamW or Nesterov SGD for `params`; the classifier's head (its HEAD_NAMES) at head_lr when it is set."""
+        groups = self.lr_groups(model, params)
         if self.other_optimizer == "sgd":
             for g in groups:  # torch's decay is lr * weight_decay per step: the same fraction in every group
                 g["weight_decay"] = self.adam_lr * self.adam_weight_decay / g["lr"]

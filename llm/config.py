@@ -33,6 +33,11 @@ class LLMRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self):
+        if self.optim.head_lr and self.model.tie_embeddings:
+            raise ConfigError("optim.head_lr is the rate of an untied output head; this model's head is tied to the "
+                              "embedding (optim.embed_lr trains it): set model.tie_embeddings = false or drop head_lr")
+
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
     """Embedding rows for a tokenizer of n tokens, rounded up for fast matmuls (GPT-2's 50,257

@@ -46,10 +46,18 @@ CODE_FILES = ("configuration_blueberry.py", "modeling_blueberry.py")
 FORWARD_OPTIONS = ("gated_attn", "sandwich_norm", "embed_scale", "value_embeds", "residual_scalars", "logit_softcap")
 
 
+# options under measurement (benchmarks/results/llm_recipe.md): the exported code learns one when it wins
+NOT_EXPORTED = ("embed_norm", "smear", "value_gate")
+
+
 def check_exportable(model: Decoder) -> None:
     if model.cfg.moe is not None:
         raise UserError("this run is a mixture of experts: export maps dense models only; a Qwen3-MoE mapping is "
                         "not written yet")
+    if used := [f"model.{k}" for k in NOT_EXPORTED if getattr(model.cfg, k)] + (
+            ["model.qk_scale"] if model.cfg.qk_scale != 1.0 else []):
+        raise UserError(f"this run uses {', '.join(used)}: the exported model code does not implement "
+                        f"{'it' if len(used) == 1 else 'them'} yet")
 
 
 def custom_features(model: Decoder) -> list[str]:

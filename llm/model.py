@@ -49,6 +49,12 @@ class DecoderConfig:
     value_embeds: int = 0  # N value-embedding tables, added to the values of the first N and last N layers
     residual_scalars: bool = False  # learnable x = a_i x + b_i x0 before block i (a = 1, b = 0 at start)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
+    # from nanochat (../shared/REFERENCES.md, "Small-LM recipes at the front"), measured in
+    # benchmarks/results/llm_recipe.md
+    embed_norm: bool = False  # a weight-free RMSNorm on the token embeddings
+    qk_scale: float = 1.0  # q and k times this after QK-norm (nanochat: 1.2)
+    smear: bool = False  # each embedding adds its predecessor's, through a gate read from its first channels
+    value_gate: bool = False  # value embeddings scaled per KV head by a gate (needs value_embeds)
     # Muon orthogonalises each block's q, k, v and o as one [q + 2 kv + o, d] matrix, as 5-dollar-llm's
     # merged qkvo parameter has it (the weights stay four matrices: checkpoints and exports are unchanged)
     merged_qkvo: bool = False
@@ -77,6 +83,10 @@ class DecoderConfig:
             raise ConfigError("model: mlp_hidden_last and value_embeds must not be negative, logit_softcap must be >= 0 and finite")
         if self.value_embeds > self.n_layers:
             raise ConfigError(f"model.value_embeds ({self.value_embeds}) exceeds n_layers ({self.n_layers})")
+        if not 0.0 < self.qk_scale < float("inf"):
+            raise ConfigError(f"model.qk_scale must be positive and finite, got {self.qk_scale}")
+        if self.value_gate and not self.value_embeds:
+            raise ConfigError("model.value_gate gates value embeddings: set model.value_embeds too")
         if self.depth_init and self.zero_init_out:
             raise ConfigError("model.depth_init sets the output projections' scale; it needs model.zero_init_out = false")
 
@@ -84,7 +94,9 @@ class DecoderConfig:
 class Decoder(ModelHooks, nn.Module):
     # 2-D weights AdamW trains, not Muon (shared.optim.split_params): the output head (an untied
     # one; a tied one is the embedding) and the MoE routers; embeddings are nn.Embedding already
-    ADAM_NAMES = ("lm_head", "router")
+    ADAM_NAMES = ("lm_head", "router", "smear_gate")
+    HEAD_NAMES = ("lm_head",)  # what optim.head_lr trains
+    SMEAR_CHANNELS = 24  # the smear gate reads this many channels of each embedding (nanochat's)
 
     def __init__(self, cfg: DecoderConfig, max_seq_len: int):
         super().__init__()
@@ -94,13 +106,17 @@ class Decoder(ModelHooks, nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, mlp=self._mlp(i), mlp_hidden=self.mlp_width(i),
-                  qk_norm=cfg.qk_norm, causal=True, gated_attn=cfg.gated_attn, sandwich_norm=cfg.sandwich_norm)
+                  qk_norm=cfg.qk_norm, causal=True, gated_attn=cfg.gated_attn, sandwich_norm=cfg.sandwich_norm,
+                  qk_scale=cfg.qk_scale, value_gate=cfg.value_gate and self.value_table(i) is not None)
             for i in range(cfg.n_layers))
         kv_dim = cfg.n_kv_heads * (cfg.d_model // cfg.n_heads)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(cfg.value_embeds))
         if cfg.residual_scalars:
             self.resid_scale = nn.Parameter(torch.ones(cfg.n_layers))
             self.x0_scale = nn.Parameter(torch.zeros(cfg.n_layers))
+        if cfg.smear:  # the mix starts at zero: lambda = 0
+            self.smear_gate = nn.Linear(min(cfg.d_model, self.SMEAR_CHANNELS), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, std=cfg.init_std, zero_init_out=cfg.zero_init_out)
@@ -197,8 +213,12 @@ class Decoder(ModelHooks, nn.Module):
         rope = self.rope_tables(idx, start, cache)  # cos, sin [T, hd/2] (or [B, T, hd/2])
         mask = document_causal_mask(doc_ids) if doc_ids is not None else None  # [B, 1, T, T] or a block mask
         x = self.tok_emb(idx)  # [B, T, D]
+        if self.cfg.embed_norm:
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.norm.eps)
         if self.cfg.embed_scale:
             x = x * self.cfg.d_model ** 0.5
+        if self.cfg.smear:
+            x = self.smear(x, cache)
         x0 = x  # [B, T, D]
         for i, block in enumerate(self.blocks):
             if self.cfg.residual_scalars:
@@ -209,6 +229,18 @@ class Decoder(ModelHooks, nn.Module):
         if cache is not None:
             cache.pos += t
         return self.norm(x)  # [B, T, D]
+
+    def smear(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """x [B, T, D] with each position's predecessor added, scaled by lambda * sigmoid(gate); the
+        first position of a sequence has none. While decoding, the cache holds the last embedding."""
+        before = cache.prev if cache is not None else None  # [B, 1, D] or None
+        if cache is not None:
+            cache.prev = x[:, -1:]
+        prev = x[:, :-1] if before is None else torch.cat([before, x[:, :-1]], 1)
+        cur = x[:, 1:] if before is None else x
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(cur[..., :self.smear_gate.in_features]))  # [B, T', 1]
+        mixed = cur + gate * prev
+        return mixed if before is not None else torch.cat([x[:, :1], mixed], 1)
 
     def rope_tables(self, idx: torch.Tensor, start: int, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for tokens idx at positions start.. (1-D); a subclass may place tokens elsewhere."""

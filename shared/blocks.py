@@ -83,6 +83,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0  # tokens already stored; advanced by the model after all layers ran
+        self.prev: torch.Tensor | None = None  # [B, 1, D] the last position's input, for a model that mixes it into the next
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
@@ -98,6 +99,8 @@ class KVCache:
         new = copy.copy(self)
         new.k = self.k.repeat_interleave(repeats, dim=1)
         new.v = self.v.repeat_interleave(repeats, dim=1)
+        if self.prev is not None:
+            new.prev = self.prev.repeat_interleave(repeats, dim=0)
         return new
 
 
@@ -121,13 +124,13 @@ def document_causal_mask(doc_ids: torch.Tensor, flex: bool | None = None):
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float | None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa, scale=scale)
 
 
 class Attention(nn.Module):
@@ -135,10 +138,15 @@ class Attention(nn.Module):
 
     `gated`: each head's output is scaled by a sigmoid gate computed from the block's input
     (Qiu et al. 2025, "gated attention"), which lets a head output nothing instead of attending
-    to a sink token."""
+    to a sink token. `qk_scale`: q and k times this (nanochat's 1.2 after QK-norm), so the logits
+    sharpen by its square. `value_gate`: value embeddings scaled per KV head by 3 sigmoid(a linear
+    map of the input's first VALUE_GATE_CHANNELS channels), as nanochat gates them."""
+
+    VALUE_GATE_CHANNELS = 12
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, qk_norm: bool = True,
-                 causal: bool = True, bias: bool = False, gated: bool = False):
+                 causal: bool = True, bias: bool = False, gated: bool = False, qk_scale: float = 1.0,
+                 value_gate: bool = False):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads:
@@ -154,6 +162,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.gate = nn.Linear(dim, n_heads, bias=True) if gated else None
+        self.value_gate = nn.Linear(min(dim, self.VALUE_GATE_CHANNELS), n_kv_heads, bias=False) if value_gate else None
+        # None: SDPA's default 1 / sqrt(head_dim)
+        self.scale = qk_scale ** 2 / self.head_dim ** 0.5 if qk_scale != 1.0 else None
 
     def _out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Heads y [B, H, T, hd] -> the output projection, through the gate when there is one."""
@@ -171,6 +182,9 @@ class Attention(nn.Module):
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v(x)  # [B, T, Hkv * hd]
         if value_extra is not None:
+            if self.value_gate is not None:
+                gate = 3 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # [B, T, Hkv]
+                value_extra = (value_extra.view(b, t, self.n_kv_heads, -1) * gate[..., None]).flatten(2)
             v = v + value_extra
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = self.q_norm(q), self.k_norm(k)
@@ -180,7 +194,7 @@ class Attention(nn.Module):
         # would cast back, FlexAttention refuses mixed dtypes (or picks fp32 kernels)
         q, k = q.to(v.dtype), k.to(v.dtype)
         if mask is not None:
-            return self._out(x, _masked_attention(q, k, v, mask))  # [B, T, D]
+            return self._out(x, _masked_attention(q, k, v, mask, self.scale))  # [B, T, D]
         start = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, Hkv, start + T, hd]: the cached keys and values too
@@ -191,7 +205,7 @@ class Attention(nn.Module):
                 is_causal = True  # queries and keys are aligned: the plain lower triangle
             elif t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)  # [T, start + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, hd]
         return self._out(x, y)  # [B, T, D]
 
@@ -242,13 +256,15 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, mlp: str | nn.Module = "swiglu",
                  mlp_hidden: int | None = None, qk_norm: bool = True, causal: bool = True,
-                 norm_affine: bool = True, gated_attn: bool = False, sandwich_norm: bool = False):
+                 norm_affine: bool = True, gated_attn: bool = False, sandwich_norm: bool = False,
+                 qk_scale: float = 1.0, value_gate: bool = False):
         """`mlp`: a name in MLPS, or a module taking [B, T, D] to [B, T, D] (a mixture of experts)."""
         super().__init__()
         if isinstance(mlp, str) and mlp not in MLPS:
             raise ValueError(f"unknown mlp {mlp!r}; choose one of {sorted(MLPS)}")
         self.norm1 = RMSNorm(dim, elementwise_affine=norm_affine)
-        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm=qk_norm, causal=causal, gated=gated_attn)
+        self.attn = Attention(dim, n_heads, n_kv_heads, qk_norm=qk_norm, causal=causal, gated=gated_attn,
+                              qk_scale=qk_scale, value_gate=value_gate)
         self.norm2 = RMSNorm(dim, elementwise_affine=norm_affine)
         self.post_norm1 = RMSNorm(dim) if sandwich_norm else nn.Identity()
         self.post_norm2 = RMSNorm(dim) if sandwich_norm else nn.Identity()

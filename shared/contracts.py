@@ -16,9 +16,11 @@ class ModelHooks:
 
     ADAM_NAMES: the names of the modules (the last component of their dotted name) whose matrices
     AdamW trains instead of Muon, such as output heads and routers; embeddings always go to AdamW.
+    HEAD_NAMES: the modules that `optim.head_lr` trains (an output head).
     """
 
     ADAM_NAMES: tuple[str, ...] = ()
+    HEAD_NAMES: tuple[str, ...] = ()
 
     def after_optimizer_step(self) -> None:
         """State the model moves outside the gradient after each update (MoE balancing biases,

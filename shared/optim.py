@@ -25,8 +25,16 @@ from .muon import STACKED, Muon
 class OptimConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    # Muon momentum warm-up (nanochat's): from muon_momentum_start linearly to muon_momentum over
+    # this many steps; 0 = constant
+    muon_momentum_warmup: int = 0
+    muon_momentum_start: float = 0.85
     muon_weight_decay: float = 0.0
     adam_lr: float = 3e-3
+    # AdamW's rate for embedding tables and for the model's HEAD_NAMES (an untied output head;
+    # a tied one is the embedding); 0 = adam_lr. nanochat trains its embedding far faster than its head.
+    embed_lr: float = 0.0
+    head_lr: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_weight_decay: float = 0.0
@@ -44,7 +52,7 @@ class OptimConfig:
     muon_ns: Literal["quintic", "polar_express"] = "quintic"  # Muon's orthogonalisation (shared/muon.py)
     # keys an older OptimConfig wrote into every run's config.toml (the classifier's optimiser knobs,
     # now a subclass's): shared.config drops them at these values, so those runs still load
-    RETIRED: ClassVar[dict[str, Any]] = {"other_optimizer": "adamw", "sgd_momentum": 0.0, "head_lr": 0.0}
+    RETIRED: ClassVar[dict[str, Any]] = {"other_optimizer": "adamw", "sgd_momentum": 0.0}
 
     def __post_init__(self):
         # written so that NaN fails every check (NaN compares false)
@@ -55,7 +63,10 @@ class OptimConfig:
         if not (0.0 <= self.min_lr_ratio <= 1.0 and 0.0 <= self.grad_clip < math.inf):
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] and optim.grad_clip >= 0 (0 = off), got "
                               f"{self.min_lr_ratio} and {self.grad_clip}")
-        for name in ("muon_momentum", "adam_beta1", "adam_beta2"):
+        if not (0.0 <= self.embed_lr < math.inf and 0.0 <= self.head_lr < math.inf and self.muon_momentum_warmup >= 0):
+            raise ConfigError("optim.embed_lr and optim.head_lr must be >= 0 (0 = adam_lr), "
+                              "optim.muon_momentum_warmup non-negative")
+        for name in ("muon_momentum", "muon_momentum_start", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         if not (0.0 <= self.muon_weight_decay < math.inf and 0.0 <= self.adam_weight_decay < math.inf):
@@ -65,8 +76,24 @@ class OptimConfig:
 
     def rest_optimizer(self, model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """What trains the parameters Muon does not: AdamW at adam_lr. A subclass may train them
-        otherwise (judge/config.py: Nesterov SGD and a head rate for the classifier)."""
-        return adamw([dict(params=params, lr=self.adam_lr)], self)
+        otherwise (judge/config.py: Nesterov SGD for the classifier)."""
+        return adamw(self.lr_groups(model, params), self)
+
+    def lr_groups(self, model: nn.Module, params: list[nn.Parameter]) -> list[dict]:
+        """`params` in groups by rate: adam_lr, embeddings at embed_lr and the model's HEAD_NAMES at
+        head_lr. A group of its own only when its rate is set, so that the optimiser states of runs
+        from before these settings still load."""
+        embed = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+        heads = model.HEAD_NAMES if isinstance(model, ModelHooks) else ()
+        head = {id(p) for name, m in model.named_modules() if name.split(".")[-1] in heads
+                for p in m.parameters(recurse=False)} - embed  # a tied head is its embedding
+        special = (embed if self.embed_lr else set()) | (head if self.head_lr else set())
+        groups = [dict(params=[p for p in params if id(p) not in special], lr=self.adam_lr)]
+        if self.embed_lr:
+            groups.append(dict(params=[p for p in params if id(p) in embed], lr=self.embed_lr))
+        if self.head_lr:
+            groups.append(dict(params=[p for p in params if id(p) in head], lr=self.head_lr))
+        return [g for g in groups if g["params"]]
 
 
 def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -156,3 +183,19 @@ def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * multiplier
+
+
+def muon_momentum(step: int, cfg: OptimConfig) -> float:
+    """Muon's momentum at optimiser step `step`: the warm-up's ramp, then muon_momentum."""
+    if step >= cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    return cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * step / cfg.muon_momentum_warmup
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, cfg: OptimConfig) -> None:
+    """Every scheduled hyperparameter for step `step`: learning rates and Muon's momentum."""
+    set_lr(optimizers, lr_multiplier(step, total_steps, cfg))
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = muon_momentum(step, cfg)

@@ -45,7 +45,7 @@ from .contracts import BatchSource, ModelHooks, Task
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
-from .optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+from .optim import OptimConfig, apply_schedule, build_optimizers, lr_multiplier
 from .run import check_writable
 
 
@@ -306,7 +306,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        set_lr(self.optimizers, lr_multiplier(self.step, self.total_steps, self.optim_cfg))
+        apply_schedule(self.optimizers, self.step, self.total_steps, self.optim_cfg)
         total = torch.zeros((), device=self.device)
         mine = self.accum.micro_batches
         for j in range(self.accum.total):  # every rank draws every micro-batch: one data position for all

@@ -24,6 +24,10 @@ OPTIONS = {
     "residual_scalars": dict(residual_scalars=True),
     "logit_softcap": dict(logit_softcap=5.0),
     "untied_head": dict(tie_embeddings=False),
+    "embed_norm": dict(embed_norm=True),
+    "qk_scale": dict(qk_scale=1.2),
+    "smear": dict(smear=True),
+    "value_gate": dict(value_embeds=2, value_gate=True),
     "moe": dict(moe=MoEConfig(experts=4, top_k=2, hidden=32)),
 }
 
@@ -37,6 +41,8 @@ def model(**kw) -> Decoder:
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_option_is_causal_and_decodes_with_the_cache(name):
     m = model(**OPTIONS[name])
+    if name == "smear":  # it starts off (lambda = 0): switch it on to test it
+        m.smear_lambda.data.fill_(0.7)
     x = torch.randint(0, 64, (2, 16))
     y = x.clone()
     y[:, 9:] = torch.randint(0, 64, (2, 7))
@@ -49,20 +55,24 @@ def test_option_is_causal_and_decodes_with_the_cache(name):
         assert torch.allclose(torch.cat(steps, 1), a, atol=1e-4)  # prompt then token by token = one pass
 
 
-@pytest.mark.parametrize("name", ["residual_scalars", "sandwich_norm"])
+@pytest.mark.parametrize("name", ["residual_scalars", "sandwich_norm", "smear"])
 def test_identity_at_start_options_change_nothing_at_initialisation(name):
-    """Residual scalars start at (1, 0); a sandwich norm of a zero-initialised output is zero."""
+    """Residual scalars start at (1, 0); a sandwich norm of a zero-initialised output is zero; the
+    smear's mix starts at lambda = 0."""
     kw = dict(zero_init_out=True)
     x = torch.randint(0, 64, (2, 16))
+    plain, with_option = model(**kw), model(**kw, **OPTIONS[name])
+    with_option.load_state_dict(plain.state_dict(), strict=False)  # the same weights (building the gate drew random numbers)
     with torch.no_grad():
-        assert torch.equal(model(**kw)(x), model(**kw, **OPTIONS[name])(x))
+        assert torch.equal(plain(x), with_option(x))
 
 
 def test_options_off_leave_the_default_model():
     defaults = DecoderConfig(**BASE)
     for field in dataclasses.fields(DecoderConfig):
         if any(field.name in o for o in OPTIONS.values()) and field.name not in ("zero_init_out", "tie_embeddings"):
-            assert not getattr(defaults, field.name), field.name  # every option is off unless asked for
+            off = getattr(defaults, field.name) == 1.0 if field.name == "qk_scale" else not getattr(defaults, field.name)
+            assert off, field.name  # every option is off unless asked for
     m = model()
     assert set(m.state_dict()) == {k for k in m.state_dict() if k.startswith(("tok_emb", "blocks", "norm", "lm_head"))}
     assert not any("gate" in k or "post_norm1.weight" in k for k in m.state_dict())
@@ -93,3 +103,35 @@ def test_pyramid_widths_and_depth_init_scales():
         DecoderConfig(**BASE, depth_init=True)
     with pytest.raises(ConfigError, match="value_embeds"):
         DecoderConfig(**BASE, value_embeds=5)
+
+
+def test_qk_scale_is_a_scale_of_the_normed_queries_and_keys():
+    """q and k times s after QK-norm (RoPE is linear, so before or after it) is the QK-norm gains times s."""
+    x = torch.randint(0, 64, (2, 16))
+    scaled, plain = model(qk_scale=1.2), model()
+    with torch.no_grad():
+        for block in plain.blocks:
+            block.attn.q_norm.weight.mul_(1.2)
+            block.attn.k_norm.weight.mul_(1.2)
+        assert torch.allclose(scaled(x), plain(x), atol=1e-5)
+        doc_ids = torch.zeros_like(x)  # the masked path (document masks) scales the same way
+        assert torch.allclose(scaled(x, targets=x, doc_ids=doc_ids), plain(x, targets=x, doc_ids=doc_ids), atol=1e-5)
+
+
+def test_smear_mixes_the_previous_embedding_and_value_gates_start_open():
+    m = model(smear=True)
+    m.smear_lambda.data.fill_(1.0)
+    x = torch.tensor([[1, 2, 3]])
+    e = m.tok_emb(x)
+    gate = torch.sigmoid(m.smear_gate(e[:, 1:, :24]))
+    assert torch.allclose(m.smear(e, None), torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], 1))
+    cache = m.new_cache(1)
+    cache.prev = e[:, :1]
+    assert torch.allclose(m.smear(e[:, 1:2], cache), e[:, 1:2] + gate[:, :1] * e[:, :1])  # decoding reads the cache
+    assert torch.equal(cache.prev, e[:, 1:2]) and torch.equal(cache.repeat_rows(3).prev, e[:, 1:2].repeat(3, 1, 1))
+    gated = model(value_embeds=1, value_gate=True)
+    assert [b.attn.value_gate is not None for b in gated.blocks] == [True, False, False, True]
+    with pytest.raises(ConfigError, match="value_gate"):
+        DecoderConfig(**BASE, value_gate=True)
+    with pytest.raises(ConfigError, match="qk_scale"):
+        DecoderConfig(**BASE, qk_scale=0.0)

@@ -180,6 +180,9 @@ def test_export_refuses_moe_and_a_used_folder(tmp_path):
     fake_run(tmp_path / "moe", moe=MoEConfig(experts=4, hidden=32))
     with pytest.raises(UserError, match="mixture of experts"):
         export_run(load_llm_run(tmp_path / "moe"), tmp_path / "hf")
+    fake_run(tmp_path / "smear", smear=True, qk_scale=1.2)  # options still under measurement
+    with pytest.raises(UserError, match="uses model.smear, model.qk_scale: the exported model code does not"):
+        export_run(load_llm_run(tmp_path / "smear"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))  # nothing left behind
     fake_run(tmp_path / "run")
     (tmp_path / "used").mkdir()

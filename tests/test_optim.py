@@ -14,7 +14,7 @@ from shared.config import load_config
 from shared.contracts import ModelHooks
 from shared.errors import ConfigError
 from shared.muon import STACKED, Muon, orthogonalize
-from shared.optim import OptimConfig, build_optimizers, lr_multiplier, split_params
+from shared.optim import OptimConfig, apply_schedule, build_optimizers, lr_multiplier, muon_momentum, split_params
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -82,7 +82,7 @@ def test_conv_filters_go_to_muon_only_when_asked_and_step_as_flattened_matrices(
 
 
 class _HeadedNet(ModelHooks, nn.Sequential):
-    ADAM_NAMES = ("head",)  # as the classifiers declare their head
+    ADAM_NAMES = HEAD_NAMES = ("head",)  # as the classifiers declare their head
 
 
 def test_sgd_for_the_rest_gives_heads_their_rate_and_every_group_the_same_decay():
@@ -201,13 +201,14 @@ def test_the_airbench_head_rate_reaches_the_modules_named_head():
 
 def test_runs_saved_with_the_classifier_keys_in_shared_optim_still_load(tmp_path):
     """Every run's config.toml held optim.other_optimizer, sgd_momentum and head_lr before they
-    moved to the classifier's config: at their defaults they load, otherwise one line refuses them."""
+    moved to the classifier's config: at their defaults they load, otherwise one line refuses them
+    (head_lr is a shared setting again: the untied LLM head's rate)."""
     from llm.config import LLMRunConfig
     old = ["optim.other_optimizer=\"adamw\"", "optim.sgd_momentum=0.0", "optim.head_lr=0"]
     cfg = load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", old)
     assert cfg == load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml")
-    with pytest.raises(ConfigError, match=r"'optim.head_lr' = 5.0 is retired; only its old default 0.0 still loads"):
-        load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.head_lr=5.0"])
+    with pytest.raises(ConfigError, match=r"'optim.sgd_momentum' = 0.5 is retired; only its old default 0.0 still loads"):
+        load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.sgd_momentum=0.5"])
     with pytest.raises(ConfigError, match="unknown config key 'optim.head_rate'"):
         load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.head_rate=5.0"])
     clf = load_config(ClassifierRunConfig, ROOT / "configs" / "classifier" / "airbench.toml").optim
@@ -254,3 +255,37 @@ def test_short_runs_warm_up_then_decay_without_a_jump(schedule, total):
 
 def test_no_warmup_still_starts_at_full_rate():
     assert lr_multiplier(0, 10, OptimConfig(warmup_steps=0, schedule="wsd")) == 1.0
+
+
+def test_embedding_and_head_rates_take_their_own_groups_only_when_set():
+    def groups(tied: bool, **kw) -> list[tuple[float, set]]:
+        model = Decoder(DecoderConfig(vocab_size=64, d_model=32, n_heads=4, tie_embeddings=tied, value_embeds=1), 16)
+        _, adam = build_optimizers(model, OptimConfig(adam_lr=1e-3, **kw))
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [(g["lr"], {names[id(p)] for p in g["params"]}) for g in adam.param_groups]
+
+    assert [lr for lr, _ in groups(False)] == [1e-3]  # unset: one group, as before (old optimiser states load)
+    rest, embed, head = groups(False, embed_lr=0.3, head_lr=4e-3)
+    assert embed == (0.3, {"tok_emb.weight", "value_embeds.0.weight"}) and head == (4e-3, {"lm_head.weight"})
+    assert rest[0] == 1e-3 and "norm.weight" in rest[1]
+    assert groups(True, embed_lr=0.3)[1] == (0.3, {"tok_emb.weight", "value_embeds.0.weight"})  # tied: the head is the embedding
+
+
+def test_untied_head_rate_needs_an_untied_head():
+    from llm.config import LLMRunConfig
+    with pytest.raises(ConfigError, match="optim.head_lr.*tied"):
+        load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml", ["optim.head_lr=0.01"])
+    assert load_config(LLMRunConfig, ROOT / "configs" / "llm" / "debug.toml",
+                       ["optim.head_lr=0.01", "model.tie_embeddings=false"]).optim.head_lr == 0.01
+
+
+def test_muon_momentum_warms_up_then_holds():
+    cfg = OptimConfig(muon_momentum=0.95, muon_momentum_start=0.85, muon_momentum_warmup=10)
+    assert [round(muon_momentum(s, cfg), 4) for s in (0, 5, 10, 50)] == [0.85, 0.9, 0.95, 0.95]
+    assert muon_momentum(0, OptimConfig()) == OptimConfig().muon_momentum  # off by default
+    model = Decoder(DecoderConfig(vocab_size=64, d_model=32, n_heads=4), 16)
+    opts = build_optimizers(model, cfg)
+    apply_schedule(opts, 5, 100, cfg)
+    muon = [o for o in opts if isinstance(o, Muon)][0]
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.9)
+    assert all("momentum" not in g for o in opts if not isinstance(o, Muon) for g in o.param_groups)
