@@ -212,15 +212,20 @@ def _hub_failure(name: str, e: Exception) -> UserError:
     return UserError(f"could not stream {name!r} from the Hugging Face Hub: {what}")
 
 
-def _hub_pieces(spec: str, field: str) -> Iterator[Piece]:
+def _hub_stream(spec: str) -> tuple[str, Iterator[dict]]:
+    """(name, rows) of a Hub dataset `name[:config]`'s training split, streamed; one line when it cannot be."""
     name, _, config = spec.partition(":")
     require_hub(f"dataset {name!r}", OFFLINE_OPTIONS)
     import datasets
 
     try:
-        rows = iter(datasets.load_dataset(name, config or None, split="train", streaming=True))
+        return name, iter(datasets.load_dataset(name, config or None, split="train", streaming=True))
     except Exception as e:  # DatasetNotFoundError, ValueError for an unknown config, connection errors...
         raise _hub_failure(name, e) from None
+
+
+def _hub_pieces(spec: str, field: str) -> Iterator[Piece]:
+    name, rows = _hub_stream(spec)
     while True:
         try:
             row = next(rows)
@@ -536,14 +541,7 @@ def _jsonl_id_rows(path: Path, field: str) -> Iterator[RowBatch]:
 
 
 def _hub_rows(spec: str, field: str) -> Iterator[RowBatch]:
-    name, _, config = spec.partition(":")
-    require_hub(f"dataset {name!r}", OFFLINE_OPTIONS)
-    import datasets
-
-    try:
-        stream = iter(datasets.load_dataset(name, config or None, split="train", streaming=True))
-    except Exception as e:  # DatasetNotFoundError, ValueError for an unknown config, connection errors...
-        raise _hub_failure(name, e) from None
+    name, stream = _hub_stream(spec)
 
     def rows():
         while True:

@@ -159,7 +159,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
     for (args, fragments), proc in zip(cases, procs):
         assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "runs").exists()  # every refusal came before any training
-    with pytest.raises(UserError, match=r"--preset 'nope' is neither a file nor a llm preset \(.*blueberry-88m, debug"):
+    with pytest.raises(UserError, match=r"--preset 'nope' is neither a file nor a llm preset \(.*\bblueberry-88m\b.*\bdebug\b"):
         resolve_preset("nope")
     with pytest.raises(UserError, match="no such file"):
         resolve_preset(str(tmp_path / "missing.toml"))
