@@ -49,7 +49,7 @@ class DecoderConfig:
     value_embeds: int = 0  # N value-embedding tables, added to the values of the first N and last N layers
     residual_scalars: bool = False  # learnable x = a_i x + b_i x0 before block i (a = 1, b = 0 at start)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
-    # from nanochat (../shared/REFERENCES.md, "Small-LM recipes at the front"), measured in
+    # from nanochat (karpathy/nanochat, nanochat/gpt.py at 92d63d4), measured in
     # benchmarks/results/llm_recipe.md
     embed_norm: bool = False  # a weight-free RMSNorm on the token embeddings
     qk_scale: float = 1.0  # q and k times this after QK-norm (nanochat: 1.2)

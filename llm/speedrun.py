@@ -5,7 +5,7 @@ rule: a change counts when it is better at p < 0.01); and a leaderboard generate
 A record is one JSON file; everything shown (summary, leaderboard) is recomputed from its per-run
 figures, so a record cannot disagree with itself. A record names its data, split, tokenizer and
 hardware, and holds no absolute path of the machine it ran on: a path in the workspace is written
-relative to the checkout (../shared/data/text), any other by the sha256 of its content.
+relative to the checkout (../<folder>/text), any other by the sha256 of its content.
 
 Two records compare when they trained the same number of tokens on the same data (the same
 resolved [data] table, llm.config.data_keys), whatever their presets: Blueberry's recipe against
@@ -178,7 +178,7 @@ def path_hash(path: Path) -> str:
 
 def portable(text: str) -> str:
     """An absolute path as a record may hold it: relative to the checkout when it lies in the
-    checkout's workspace (its parent folder, where ../shared/data sits), else `sha256:` and the
+    checkout's workspace (its parent folder, where a data folder may sit beside it), else `sha256:` and the
     hash of its content (`gone:NAME` when it no longer exists). Other strings stay as they are."""
     if not _is_abs_path(text):
         return text

@@ -2,9 +2,9 @@
 "labels"}, shuffled with seed 42) from any text source: an offline stand-in for their
 vukrosic/blueberry-1B-pretrain, trained on with --data OUT.
 
-    python scripts/pretokenize.py --data ../shared/data/text --tokenizer ../shared/data/tokenizers/gpt2 \\
+    python scripts/pretokenize.py --data "$BLUEBERRY_DATA_DIR/text" --tokenizer "$BLUEBERRY_DATA_DIR/tokenizers/gpt2" \\
         --row_len 2048 --out data_cache/text-rows-2048
-    python scripts/pretokenize.py --data builtin --tokenizer bpe:400 --row_len 33 --out /tmp/rows --format disk
+    python scripts/pretokenize.py --data builtin --tokenizer bpe:400 --row_len 33 --out data_cache/rows-33 --format disk
 """
 
 from __future__ import annotations

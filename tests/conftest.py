@@ -1,5 +1,5 @@
-"""Shared fixtures. Real data comes from $BLUEBERRY_DATA_DIR (or ../shared/data beside the
-checkout when it exists); tests that need it skip cleanly without it."""
+"""Shared fixtures. Real data comes from $BLUEBERRY_DATA_DIR only (never a path written here);
+tests that need it skip cleanly without it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def pytest_configure(config):
 
 def _data_dir() -> Path | None:
     env = os.environ.get("BLUEBERRY_DATA_DIR")
-    candidate = Path(env).resolve() if env else ROOT.parent / "shared" / "data"  # scripts run in tmp dirs
+    if not env:
+        return None
+    candidate = Path(env).resolve()  # resolved: scripts run in tmp dirs
     return candidate if candidate.is_dir() else None
 
 

@@ -352,7 +352,7 @@ def test_a_record_with_an_absolute_path_is_refused(tmp_path):
     record = {"schema": 1, "label": "x", "preset": "debug", "budget": 2048, "overrides": ["data.source=/home/me/text"],
               "runs": [{"seed": 0, "loss": 1.0, "train_time_s": 1.0, "run_dir": "speedrun/x/seed0"}]}
     assert "absolute path" in record_problem(record)
-    record["overrides"] = ["data.source=../shared/data/text"]
+    record["overrides"] = ["data.source=../data/text"]  # relative: portable
     assert record_problem(record) == ""
     (tmp_path / "x.json").write_text(json.dumps(record))
     assert "| debug | x |" in leaderboard(tmp_path)
