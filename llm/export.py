@@ -54,8 +54,10 @@ def check_exportable(model: Decoder) -> None:
     if model.cfg.moe is not None:
         raise UserError("this run is a mixture of experts: export maps dense models only; a Qwen3-MoE mapping is "
                         "not written yet")
-    if used := [f"model.{k}" for k in NOT_EXPORTED if getattr(model.cfg, k)] + (
-            ["model.qk_scale"] if model.cfg.qk_scale != 1.0 else []):
+    used = [f"model.{k}" for k in NOT_EXPORTED if getattr(model.cfg, k)]
+    if model.cfg.qk_scale != 1.0:
+        used.append("model.qk_scale")
+    if used:
         raise UserError(f"this run uses {', '.join(used)}: the exported model code does not implement "
                         f"{'it' if len(used) == 1 else 'them'} yet")
 

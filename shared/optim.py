@@ -87,13 +87,12 @@ class OptimConfig:
         heads = model.HEAD_NAMES if isinstance(model, ModelHooks) else ()
         head = {id(p) for name, m in model.named_modules() if name.split(".")[-1] in heads
                 for p in m.parameters(recurse=False)} - embed  # a tied head is its embedding
-        special = (embed if self.embed_lr else set()) | (head if self.head_lr else set())
-        groups = [dict(params=[p for p in params if id(p) not in special], lr=self.adam_lr)]
-        if self.embed_lr:
-            groups.append(dict(params=[p for p in params if id(p) in embed], lr=self.embed_lr))
-        if self.head_lr:
-            groups.append(dict(params=[p for p in params if id(p) in head], lr=self.head_lr))
-        return [g for g in groups if g["params"]]
+        groups: dict[str, list] = {"rest": [], "embed": [], "head": []}
+        for p in params:
+            kind = "embed" if self.embed_lr and id(p) in embed else "head" if self.head_lr and id(p) in head else "rest"
+            groups[kind].append(p)
+        rates = {"rest": self.adam_lr, "embed": self.embed_lr, "head": self.head_lr}
+        return [dict(params=ps, lr=rates[kind]) for kind, ps in groups.items() if ps]
 
 
 def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
