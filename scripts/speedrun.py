@@ -11,7 +11,7 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
 5-dollar-llm's benchmark: their recipe, then Blueberry's on the same data, tested against it:
 
     python scripts/speedrun.py --preset 5dollar-88m --budget 8M --runs 4
-    python scripts/speedrun.py --preset blueberry-88m --data_from 5dollar-88m --budget 8M --runs 4 \
+    python scripts/speedrun.py --preset blueberry-88m --data_from 5dollar-88m --budget 8M --runs 4 \\
         --compare benchmarks/records/5dollar-88m-8M-baseline-<stamp>.json
 """
 
