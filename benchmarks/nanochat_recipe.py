@@ -45,7 +45,7 @@ from llm.speedrun_plot import plot_records
 from llm.task import LanguageModelTask
 from shared.config import dump_toml, load_config, to_dict
 from shared.errors import UserError, run_main
-from shared.muon import orthogonalize
+from shared.muon import normalise_second_moment, orthogonalize
 from shared.trainer import hardware_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +187,6 @@ class NorMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             m, n = params[0].shape
-            red = -1 if m >= n else -2
             st = self.state[params[0]]
             if not st:
                 st["buf"] = torch.zeros(len(params), m, n)
@@ -199,12 +198,7 @@ class NorMuon(torch.optim.Optimizer):
             x = x * (x.norm(dim=(-2, -1), keepdim=True) / m ** 0.5 / rows)
             x = orthogonalize(x, 5, eps=1e-6, method="polar_express")
             x = x * (min(m, n) ** 0.5 / x.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
-            v_mean = x.square().mean(dim=red, keepdim=True)
-            st["v"].lerp_(v_mean, 1 - group["beta2"])
-            scale = st["v"].clamp_min(1e-10).rsqrt()
-            before = (v_mean.sum(dim=(-2, -1), keepdim=True) * x.size(red)).sqrt()
-            after = (v_mean * x.size(red) * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-            x = x * scale * (before / after.clamp_min(1e-10))
+            x = normalise_second_moment(x, st["v"], group["beta2"])
             lr, wd = group["lr"] * max(1.0, m / n) ** 0.5, group["weight_decay"]
             for p, u in zip(params, x.unbind(0)):
                 p.sub_(lr * u + lr * wd * p * ((u * p) >= 0))

@@ -41,8 +41,8 @@ from .tokenizer import TextTokenizer
 
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_blueberry.py", "modeling_blueberry.py")
-# options that change the forward pass; the others (depth_init, zero_init_out, init_std, merged_qkvo) only
-# initialise or train
+# options that change the forward pass; the others (depth_init, zero_init_out, init_std, init, residual_init,
+# merged_qkvo) only initialise or train
 FORWARD_OPTIONS = ("gated_attn", "sandwich_norm", "embed_scale", "value_embeds", "residual_scalars", "logit_softcap")
 
 

@@ -55,6 +55,12 @@ class DecoderConfig:
     qk_scale: float = 1.0  # q and k times this after QK-norm (nanochat: 1.2)
     smear: bool = False  # each embedding adds its predecessor's, through a gate read from its first channels
     value_gate: bool = False  # value embeddings scaled per KV head by a gate (needs value_embeds)
+    # "nanochat": q, k, v and value tables uniform with std 1 / sqrt(d_model), the MLP's input 0.4 times
+    # that; "normal": everything N(0, init_std). Embeddings and head keep init_std either way.
+    init: Literal["normal", "nanochat"] = "normal"
+    # residual_scalars' start: "identity" (a = 1, b = 0) or "nanochat" (a from 1.15 down to 1.05,
+    # b from 0.20 down to 0.05 over the layers)
+    residual_init: Literal["identity", "nanochat"] = "identity"
     # Muon orthogonalises each block's q, k, v and o as one [q + 2 kv + o, d] matrix, as 5-dollar-llm's
     # merged qkvo parameter has it (the weights stay four matrices: checkpoints and exports are unchanged)
     merged_qkvo: bool = False
@@ -87,6 +93,10 @@ class DecoderConfig:
             raise ConfigError(f"model.qk_scale must be positive and finite, got {self.qk_scale}")
         if self.value_gate and not self.value_embeds:
             raise ConfigError("model.value_gate gates value embeddings: set model.value_embeds too")
+        if self.init == "nanochat" and self.moe is not None:
+            raise ConfigError("model.init = \"nanochat\" is defined for dense MLPs; it does not apply with [model.moe]")
+        if self.residual_init != "identity" and not self.residual_scalars:
+            raise ConfigError("model.residual_init starts the residual scalars: set model.residual_scalars = true too")
         if self.depth_init and self.zero_init_out:
             raise ConfigError("model.depth_init sets the output projections' scale; it needs model.zero_init_out = false")
 
@@ -120,6 +130,13 @@ class Decoder(ModelHooks, nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, std=cfg.init_std, zero_init_out=cfg.zero_init_out)
+        if cfg.init == "nanochat":
+            self._init_nanochat()
+        if cfg.residual_init == "nanochat":
+            with torch.no_grad():
+                depth = torch.arange(cfg.n_layers) / max(cfg.n_layers - 1, 1)
+                self.resid_scale.copy_(1.15 - 0.10 * depth)
+                self.x0_scale.copy_(0.20 - 0.15 * depth)
         if cfg.depth_init:  # deeper blocks write smaller updates; every layer keeps a non-zero scale
             for i, block in enumerate(self.blocks):
                 std = cfg.init_std / (2 * (i + 1)) ** 0.5
@@ -135,6 +152,20 @@ class Decoder(ModelHooks, nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     cache_class = KVCache  # a subclass may keep more per-row state while decoding
+
+    @torch.no_grad()
+    def _init_nanochat(self) -> None:
+        """Uniform weights (no outliers) with nanochat's scales: std 1 / sqrt(d_model) for what reads
+        the residual stream, 0.4 times that for the MLP's input (nanochat/gpt.py, init_weights)."""
+        bound = 3 ** 0.5 * self.cfg.d_model ** -0.5  # U(-b, b) has std b / sqrt(3)
+        for block in self.blocks:
+            for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):
+                nn.init.uniform_(w, -bound, bound)
+            for name in ("up", "gate"):
+                if isinstance(layer := getattr(block.mlp, name, None), nn.Linear):
+                    nn.init.uniform_(layer.weight, -0.4 * bound, 0.4 * bound)
+        for table in self.value_embeds:
+            nn.init.uniform_(table.weight, -bound, bound)
 
     def mlp_width(self, layer: int) -> int:
         """The dense MLP's hidden width at a layer: mlp_hidden, or the pyramid's (multiples of 64)."""

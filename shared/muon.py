@@ -64,15 +64,34 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     return x.mT if tall else x
 
 
+def normalise_second_moment(x: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al. 2025): orthogonalised updates x [N, m, n] rescaled per row (tall, m >= n) or
+    per column (wide) by an EMA of their mean square, `second` [N, m, 1] or [N, 1, n], updated in
+    place, then scaled back to each matrix's norm before: Muon's step size, evener across neurons."""
+    dim = -1 if x.size(-2) >= x.size(-1) else -2
+    mean_sq = x.float().square().mean(dim=dim, keepdim=True)
+    second.lerp_(mean_sq.to(second.dtype), 1 - beta2)
+    scale = second.clamp_min(1e-10).rsqrt()
+    before = (mean_sq.sum(dim=(-2, -1), keepdim=True) * x.size(dim)).sqrt()
+    after = (mean_sq * x.size(dim) * scale.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return x * (scale * before / after.clamp_min(1e-10)).to(x.dtype)
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
-                 ns: str = "quintic", merged: list[list[torch.nn.Parameter]] = ()):
+                 ns: str = "quintic", merged: list[list[torch.nn.Parameter]] = (), beta2: float = 0.0,
+                 cautious_wd: bool = False):
         """`merged`: groups of 2-D parameters (all in `params`, of one width) orthogonalised as one
-        matrix, their rows stacked in the order given."""
+        matrix, their rows stacked in the order given. `beta2` > 0: NorMuon's second-moment
+        normalisation (normalise_second_moment). `cautious_wd`: weight decay only where the update
+        and the weight have the same sign (it would shrink the weight anyway), as nanochat decays."""
         if ns not in NS_METHODS:
             raise ValueError(f"unknown orthogonalisation {ns!r}; choose one of {NS_METHODS}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        beta2=beta2, cautious_wd=cautious_wd)
         super().__init__(params, defaults)
         self.ns_dtype, self.ns = ns_dtype, ns
         for group in self.param_groups:
@@ -146,6 +165,8 @@ class Muon(torch.optim.Optimizer):
                 stacked = torch.stack([torch.cat([next(pieces) for _ in unit]) if len(unit) > 1 else next(pieces)
                                        for unit in units])
                 ortho = orthogonalize(stacked.reshape(-1, rows, cols), group["ns_steps"], dtype=dtype, method=self.ns)
+                if group["beta2"]:
+                    ortho = self._normalised(ortho, units, group["beta2"])
                 ortho = ortho.reshape(stacked.shape).to(params[0].dtype)
                 ortho = [piece.reshape(p.shape) for m, unit in zip(ortho.unbind(0), units)
                          for piece, p in zip(m.split([q.shape[0] for q in unit]), unit)]
@@ -153,8 +174,29 @@ class Muon(torch.optim.Optimizer):
                     ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()], run_check=False)
                              .redistribute(p.device_mesh, p.placements) for o, p in zip(ortho, params)]
                 scale = group["lr"] * max(1.0, rows / cols) ** 0.5
-                if group["weight_decay"]:
+                if group["weight_decay"] and group["cautious_wd"]:  # p -= lr wd p where update and p agree in sign
+                    decay = [p * ((o * p) >= 0) for p, o in zip(params, ortho)]
+                    torch._foreach_add_(params, decay, alpha=-group["lr"] * group["weight_decay"])
+                elif group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, ortho, alpha=-scale)
         return loss
+
+    def _normalised(self, ortho: torch.Tensor, units: list[tuple], beta2: float) -> torch.Tensor:
+        """ortho [N, m, n] (the units' matrices in order) through NorMuon, with each unit's second
+        moment kept in its first parameter's state."""
+        m, n = ortho.shape[-2:]
+        counts = [ortho.shape[0] // len(units)] * len(units)  # stacked experts: E matrices per unit
+        seconds = []
+        for unit, k in zip(units, counts):
+            state = self.state[unit[0]]
+            if "second_moment" not in state:
+                state["second_moment"] = torch.zeros((k, m, 1) if m >= n else (k, 1, n), device=ortho.device)
+            seconds.append(state["second_moment"])
+        second = torch.cat(seconds) if len(seconds) > 1 else seconds[0]
+        out = normalise_second_moment(ortho, second, beta2)
+        if len(seconds) > 1:  # cat made a copy: write each unit's moment back
+            for s, part in zip(seconds, second.split(counts)):
+                s.copy_(part)
+        return out
 

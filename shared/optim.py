@@ -30,6 +30,8 @@ class OptimConfig:
     muon_momentum_warmup: int = 0
     muon_momentum_start: float = 0.85
     muon_weight_decay: float = 0.0
+    muon_cautious_wd: bool = False  # decay only where the update and the weight agree in sign (nanochat)
+    muon_beta2: float = 0.0  # > 0: NorMuon's second-moment normalisation of Muon's updates (nanochat: 0.9)
     adam_lr: float = 3e-3
     # AdamW's rate for embedding tables and for the model's HEAD_NAMES (an untied output head;
     # a tied one is the embedding); 0 = adam_lr. nanochat trains its embedding far faster than its head.
@@ -56,6 +58,8 @@ class OptimConfig:
 
     def __post_init__(self):
         # written so that NaN fails every check (NaN compares false)
+        if not 0.0 <= self.muon_beta2 < 1.0:
+            raise ConfigError(f"optim.muon_beta2 must be in [0, 1) (0 = plain Muon), got {self.muon_beta2}")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         if not (self.warmup_steps >= 0 and 0 < self.muon_lr < math.inf and 0 < self.adam_lr < math.inf):
@@ -137,7 +141,8 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         mine = {id(p) for p in muon_params}
         merged = [g for g in model.muon_merged() if all(id(p) in mine for p in g)] if isinstance(model, ModelHooks) else []
         opts.append(Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
-                         weight_decay=cfg.muon_weight_decay, ns=cfg.muon_ns, merged=merged))
+                         weight_decay=cfg.muon_weight_decay, ns=cfg.muon_ns, merged=merged, beta2=cfg.muon_beta2,
+                         cautious_wd=cfg.muon_cautious_wd))
     if adam_params:
         opts.append(cfg.rest_optimizer(model, adam_params))
     for opt in opts:

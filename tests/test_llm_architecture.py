@@ -28,8 +28,11 @@ OPTIONS = {
     "qk_scale": dict(qk_scale=1.2),
     "smear": dict(smear=True),
     "value_gate": dict(value_embeds=2, value_gate=True),
+    "init_nanochat": dict(init="nanochat", value_embeds=1),
+    "residual_init_nanochat": dict(residual_scalars=True, residual_init="nanochat"),
     "moe": dict(moe=MoEConfig(experts=4, top_k=2, hidden=32)),
 }
+OFF_VALUES = {"qk_scale": 1.0, "init": "normal", "residual_init": "identity"}  # the rest are off when falsy
 
 
 def model(**kw) -> Decoder:
@@ -71,7 +74,8 @@ def test_options_off_leave_the_default_model():
     defaults = DecoderConfig(**BASE)
     for field in dataclasses.fields(DecoderConfig):
         if any(field.name in o for o in OPTIONS.values()) and field.name not in ("zero_init_out", "tie_embeddings"):
-            off = getattr(defaults, field.name) == 1.0 if field.name == "qk_scale" else not getattr(defaults, field.name)
+            default = getattr(defaults, field.name)
+            off = default == OFF_VALUES[field.name] if field.name in OFF_VALUES else not default
             assert off, field.name  # every option is off unless asked for
     m = model()
     assert set(m.state_dict()) == {k for k in m.state_dict() if k.startswith(("tok_emb", "blocks", "norm", "lm_head"))}
@@ -135,3 +139,23 @@ def test_smear_mixes_the_previous_embedding_and_value_gates_start_open():
         DecoderConfig(**BASE, value_gate=True)
     with pytest.raises(ConfigError, match="qk_scale"):
         DecoderConfig(**BASE, qk_scale=0.0)
+
+
+def test_nanochat_inits_are_uniform_at_its_scales_and_start_the_scalars_where_it_does():
+    wide = dict(BASE, d_model=256, mlp_hidden=1024, n_layers=4)
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(**wide, init="nanochat", value_embeds=1, mlp="swiglu"), 24)
+    bound = 3 ** 0.5 / 256 ** 0.5
+    for w in (m.blocks[0].attn.q.weight, m.blocks[3].attn.v.weight, m.value_embeds[0].weight):
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(1 / 16, rel=0.05)  # uniform, std 1/sqrt(d)
+    for w in (m.blocks[1].mlp.up.weight, m.blocks[1].mlp.gate.weight):
+        assert w.abs().max() <= 0.4 * bound and w.std().item() == pytest.approx(0.4 / 16, rel=0.05)
+    assert m.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)  # embeddings keep init_std
+    assert not m.blocks[0].attn.o.weight.any() and not m.blocks[0].mlp.down.weight.any()  # outputs still zero
+    s = Decoder(DecoderConfig(**BASE, residual_scalars=True, residual_init="nanochat"), 24)
+    assert torch.allclose(s.resid_scale, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    assert torch.allclose(s.x0_scale, torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    with pytest.raises(ConfigError, match="residual_scalars"):
+        DecoderConfig(**BASE, residual_init="nanochat")
+    with pytest.raises(ConfigError, match="dense"):
+        DecoderConfig(**BASE, init="nanochat", moe=MoEConfig(experts=4, top_k=2, hidden=32))

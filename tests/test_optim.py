@@ -289,3 +289,71 @@ def test_muon_momentum_warms_up_then_holds():
     muon = [o for o in opts if isinstance(o, Muon)][0]
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.9)
     assert all("momentum" not in g for o in opts if not isinstance(o, Muon) for g in o.param_groups)
+
+
+def test_normuon_evens_the_rows_at_the_update_norm_and_keeps_its_moment():
+    """NorMuon (optim.muon_beta2): each row of a tall update (each column of a wide one) divided by
+    the root of its running mean square, then scaled back to the update's norm."""
+    torch.manual_seed(0)
+    for shape in ((48, 32), (32, 48)):
+        p = nn.Parameter(torch.randn(*shape))
+        q = nn.Parameter(p.detach().clone())
+        plain, nor = Muon([p], lr=0.1, momentum=0.0), Muon([q], lr=0.1, momentum=0.0, beta2=0.5)
+        g = torch.randn(*shape)
+        p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        nor.step()
+        u = orthogonalize(g[None], 5)[0]  # momentum 0: the update is the orthogonalised gradient
+        dim = -1 if shape[0] >= shape[1] else -2
+        v = 0.5 * u.square().mean(dim=dim, keepdim=True)  # the moment after one step from zero
+        want = u / v.sqrt() * (u.norm() / (u / v.sqrt()).norm())
+        step = 0.1 * max(1.0, shape[0] / shape[1]) ** 0.5
+        assert torch.allclose((p.detach() - q.detach()) / step, want - u, atol=1e-5)
+        assert torch.allclose(nor.state[q]["second_moment"][0], v, atol=1e-6)
+        assert (want.norm() - u.norm()).abs() < 1e-4 and not torch.allclose(want, u, atol=1e-3)
+
+
+def test_cautious_weight_decay_only_where_update_and_weight_agree():
+    torch.manual_seed(0)
+    q = nn.Parameter(torch.randn(16, 16))
+    opt = Muon([q], lr=0.1, momentum=0.0, weight_decay=0.5, cautious_wd=True)
+    g = torch.randn(16, 16)
+    q.grad = g.clone()
+    start = q.detach().clone()
+    opt.step()
+    u = orthogonalize(g[None], 5)[0]
+    agree = (u * start) >= 0
+    assert torch.allclose(q.detach(), start - 0.1 * u - 0.05 * start * agree, atol=1e-6)
+    assert 0 < agree.float().mean() < 1  # some weights decay, others not
+
+
+def test_normuon_and_cautious_decay_are_options_off_by_default():
+    model = Decoder(DecoderConfig(vocab_size=64, d_model=32, n_heads=4), 16)
+    muon = [o for o in build_optimizers(model, OptimConfig()) if isinstance(o, Muon)][0]
+    assert muon.param_groups[0]["beta2"] == 0.0 and muon.param_groups[0]["cautious_wd"] is False
+    cfg = OptimConfig(muon_beta2=0.9, muon_cautious_wd=True, muon_weight_decay=0.1)
+    muon = [o for o in build_optimizers(model, cfg) if isinstance(o, Muon)][0]
+    assert muon.param_groups[0]["beta2"] == 0.9 and muon.param_groups[0]["cautious_wd"] is True
+    with pytest.raises(ConfigError, match="muon_beta2"):
+        OptimConfig(muon_beta2=1.0)
+    with pytest.raises(ConfigError, match="muon_beta2"):
+        OptimConfig(muon_beta2=float("nan"))
+
+
+def test_normuon_keeps_one_moment_per_expert_matrix():
+    """Stacked experts [E, out, in] are E matrices: NorMuon on them equals NorMuon on each alone."""
+    torch.manual_seed(0)
+    stacked = nn.Parameter(torch.randn(3, 16, 8))
+    setattr(stacked, STACKED, True)
+    alone = [nn.Parameter(stacked.detach()[e].clone()) for e in range(3)]
+    opts = [Muon([stacked], lr=0.1, beta2=0.9), *(Muon([a], lr=0.1, beta2=0.9) for a in alone)]
+    for _ in range(3):
+        g = torch.randn(3, 16, 8)
+        stacked.grad = g.clone()
+        for e, a in enumerate(alone):
+            a.grad = g[e].clone()
+        for opt in opts:
+            opt.step()
+    assert opts[0].state[stacked]["second_moment"].shape == (3, 16, 1)
+    for e, a in enumerate(alone):
+        assert torch.allclose(stacked.detach()[e], a.detach(), atol=1e-6)
