@@ -204,10 +204,13 @@ class NorMuon(torch.optim.Optimizer):
                 p.sub_(lr * u + lr * wd * p * ((u * p) >= 0))
 
 
-def optimisers(model: NanochatGPT, dim: int, batch_tokens: int, target_tokens: float) -> tuple[list, float]:
+def optimisers(model: NanochatGPT, dim: int, batch_tokens: int, target_tokens: float,
+               scaled: bool = True) -> tuple[list, float]:
     """AdamW groups and NorMuon groups at nanochat's rates, scaled as its base_train.py scales them
-    to this width and batch; also the Muon weight decay it starts from (scaled to the horizon)."""
-    width, batch = (dim / REF_WIDTH) ** -0.5, (batch_tokens / REF_BATCH) ** 0.5
+    to this width and batch; also the Muon weight decay it starts from (scaled to the horizon).
+    `scaled=False`: its d12 rates and weight decay as tuned (the AdamW width scaling is its model's
+    own and stays)."""
+    width, batch = (dim / REF_WIDTH) ** -0.5, (batch_tokens / REF_BATCH) ** 0.5 if scaled else 1.0
     r = {k: v * batch for k, v in RATES.items() if k != "weight_decay"}
     adam = torch.optim.AdamW([
         dict(params=[model.head.weight], lr=r["unembedding"] * width, betas=(0.8, 0.96), weight_decay=0.01),
@@ -221,7 +224,7 @@ def optimisers(model: NanochatGPT, dim: int, batch_tokens: int, target_tokens: f
     ], eps=1e-10, fused=True)
     matrices = list(model.blocks.parameters())
     reference = PARAM_DATA_RATIO * scaling_params(reference_model())
-    wd = RATES["weight_decay"] * batch * (reference / target_tokens)
+    wd = RATES["weight_decay"] * (batch * (reference / target_tokens) if scaled else 1.0)
     muon = NorMuon([dict(params=[p for p in matrices if p.shape == s]) for s in sorted({p.shape for p in matrices})],
                    lr=r["matrix"], weight_decay=wd)
     for opt in (adam, muon):
@@ -261,7 +264,7 @@ def muon_momentum(it: int, steps: int) -> float:
     return 0.97
 
 
-def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int) -> None:
+def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int, rates: str = "scaled") -> None:
     """One nanochat run into run_dir, in the files a Blueberry run folder has (llm.speedrun.read_run)."""
     data = open_text_data(cfg.data, cfg.train.batch_size, seed, cfg.train.budget)
     m, tok = cfg.model, data.tokenizer
@@ -270,7 +273,7 @@ def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int) -> N
     model = NanochatGPT(vocab, tok.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, cfg.data.seq_len)
     batch_tokens = cfg.train.batch_size * cfg.data.seq_len
     steps = math.ceil(cfg.train.budget / batch_tokens)
-    opts, wd = optimisers(model, m.d_model, batch_tokens, PARAM_DATA_RATIO * scaling_params(model))
+    opts, wd = optimisers(model, m.d_model, batch_tokens, PARAM_DATA_RATIO * scaling_params(model), rates == "scaled")
     task = LanguageModelTask(data.val, tok)
     params = sum(p.numel() for p in model.parameters())
     run_dir.mkdir(parents=True)
@@ -309,7 +312,7 @@ def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int) -> N
     (run_dir / "data.json").write_text(json.dumps(data.identity, indent=2))
     setting = {"data": to_dict(cfg.data), "train": {"seed": seed, "budget": cfg.train.budget,
                "batch_size": cfg.train.batch_size}, "nanochat": {
-                   "commit": "92d63d4", "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+                   "commit": "92d63d4", "rates": rates, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
                    "n_kv_heads": m.n_kv_heads, "window_pattern": "SSSL", "muon_lr": opts[1].param_groups[0]["initial_lr"],
                    "muon_weight_decay": wd, **{f"{k}_lr": v for k, v in RATES.items() if k != "weight_decay"},
                    "warmup_steps": WARMUP, "warmdown_ratio": WARMDOWN, "final_lr_frac": FINAL_FRAC}}
@@ -330,6 +333,9 @@ def main() -> None:
     p.add_argument("--seed0", type=int, default=0)
     p.add_argument("--runs_dir", default="runs")
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"))
+    p.add_argument("--rates", choices=("scaled", "reference"), default="scaled",
+                   help="scaled: its rates and weight decay scaled to this batch and horizon as its base_train.py "
+                        "scales them (faithful); reference: as tuned at d12 (batch 2^19)")
     p.add_argument("--compare", metavar="RECORD", help="a record of the preset at this budget to test against")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="preset overrides (data, shape, batch)")
     args = p.parse_args()
@@ -346,14 +352,17 @@ def main() -> None:
         check_comparable(baseline, "nanochat", budget, args.compare, planned_data(config, None, args.overrides))
     commit, dirty = git_state(ROOT)
     created = datetime.now().astimezone()
-    group = Path(args.runs_dir) / "speedrun" / f"nanochat-{config.stem}-{format_budget(budget)}-{created:%Y%m%d-%H%M%S}"
+    label = f"nanochat-92d63d4{'-d12-rates' if args.rates == 'reference' else ''}-at-{config.stem}"
+    group = Path(args.runs_dir) / "speedrun" / f"{label}-{format_budget(budget)}-{created:%Y%m%d-%H%M%S}"
+    if group.exists():
+        raise UserError(f"{group} exists already: start again in a second")
     results = []
     for k in range(args.runs):
         seed = args.seed0 + k
         print(f"run {k + 1}/{args.runs}: nanochat at {config.stem}'s shape, seed {seed} -> {group / f'seed{seed}'}", flush=True)
-        train_one(cfg, seed, group / f"seed{seed}", cfg.train.eval_every)
+        train_one(cfg, seed, group / f"seed{seed}", cfg.train.eval_every, args.rates)
         results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
-    record = build_record(label=f"nanochat-92d63d4-at-{config.stem}", preset="nanochat", budget=budget,
+    record = build_record(label=label, preset="nanochat", budget=budget,
                           overrides=args.overrides, runs=results, commit=commit, dirty=dirty, created=created)
     print("\n".join(summary_lines(record)))
     if baseline is not None:
