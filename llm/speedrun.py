@@ -295,6 +295,61 @@ def build_record(*, label: str, preset: str, budget: int, overrides: list[str], 
     return {**record, "data_from": data_from} if data_from else record
 
 
+def _runnable(override: str, root: Path) -> str:
+    """A record's override as a run takes it again: a path the record wrote relative to the checkout
+    made absolute; one it could only name by content hash cannot be given back."""
+    key, _, value = override.partition("=")
+    inner = value.strip().strip("\"'")
+    if inner.startswith(("sha256:", "gone:")):
+        raise UserError(f"cannot extend: the override {override!r} named a path outside the workspace, which the "
+                        "record keeps only as a content hash; train a new record with it instead")
+    if inner.startswith("..") and (root / inner).exists():
+        return f"{key}={json.dumps(str((root / inner).resolve()))}"
+    return override
+
+
+def extension_plan(name: str, record: dict, root: Path) -> dict:
+    """What `--extend` trains: the record's preset, budget, overrides, data and label, from the next
+    unused seed, at the record's commit on a clean tree (seeds of one record come from one code)."""
+    commit, dirty = git_state(root)
+    if record.get("git_commit") is None or record.get("git_dirty") is not False:
+        raise UserError(f"cannot extend {name}: it does not say which clean commit trained it")
+    if commit != record["git_commit"] or dirty:
+        raise UserError(f"cannot extend {name}: it was trained at commit {record['git_commit'][:12]}, this checkout is "
+                        f"{(commit or 'unknown')[:12]}{' with uncommitted changes' if dirty else ''}; run from a clean "
+                        f"checkout of that commit (git worktree add ../extend {record['git_commit'][:12]})")
+    return {"preset": record["preset"], "budget": record["budget"], "label": record["label"],
+            "overrides": [_runnable(o, root) for o in record.get("overrides", [])], "data_from": record.get("data_from"),
+            "seed0": max(r["seed"] for r in record["runs"]) + 1}
+
+
+def check_same_setup(record: dict, run: dict, name: str) -> None:
+    """A new run of an extension trained what the record's runs did: its resolved config equal but
+    for the seed, on the same data, on the same hardware."""
+    def flat(tree: dict | None, prefix: str = "") -> dict:
+        out = {}
+        for k, v in (tree or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(record.get("config")), flat(run["config"])
+    if differ := [k for k in sorted(set(old) | set(new)) if k != "train.seed" and old.get(k) != new.get(k)]:
+        raise UserError(f"cannot extend {name}: the new run's {differ[0]} is {_shown(new.get(differ[0]))}, the record's "
+                        f"{_shown(old.get(differ[0]))}")
+    if (record.get("data") or {}).get("sha256") != (run.get("data") or {}).get("sha256"):
+        raise UserError(f"cannot extend {name}: the new run read data of another content than the record's runs")
+    if hardware_string(record.get("hardware")) != hardware_string(run.get("hardware")):
+        raise UserError(f"cannot extend {name}: its runs ran on {hardware_string(record.get('hardware'))}, this one on "
+                        f"{hardware_string(run.get('hardware'))}")
+
+
+def merged_record(old: dict, new: dict, old_name: str) -> dict:
+    """The record of an extension: the old record's runs and curves, then the new ones; `extends`
+    names the record it supersedes (the leaderboard then shows only the merged one)."""
+    runs, curves = [*old["runs"], *new["runs"]], [*old.get("curves", []), *new["curves"]]
+    return {**new, "runs": runs, "curves": curves, "summary": summarise(runs), "extends": Path(old_name).name}
+
+
 def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
     """records_dir/<preset>-<budget>-<label>-<YYYYmmdd-HHMMSS>.json, never overwriting one."""
     if problem := record_problem(record):  # never write a record that would not be read back
@@ -348,6 +403,7 @@ _FIELDS = {
     "git_dirty": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "runs": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
     "data": (lambda v: v is None or isinstance(v, dict), "a table or null"),
+    "extends": (lambda v: isinstance(v, str) and v != "", "a record's file name"),
 }
 REQUIRED = ("label", "preset", "budget", "runs")
 
@@ -507,14 +563,17 @@ def leaderboard(records_dir: Path) -> str:
     records' contents, so regenerating without new records gives the same bytes."""
     groups: dict[tuple[int, str], list[tuple[dict, str]]] = {}
     records, left_out = read_records(records_dir)
+    superseded = {rec["extends"] for rec, _ in records if rec.get("extends")}  # their runs are in the extension
     for rec, name in records:
-        groups.setdefault(_group_key(rec), []).append((rec, name))
+        if name not in superseded:
+            groups.setdefault(_group_key(rec), []).append((rec, name))
     out = ["# Speedrun leaderboard", "",
            "Generated by `python scripts/speedrun.py --leaderboard` from the records in this folder; do not edit it "
            "by hand.", "",
            "Each row is one record: n runs with different seeds; mean ± sample standard deviation of the final "
            "validation loss and of the training time (compile warm-up and evaluation excluded). A table ranks the "
-           "records of one budget on one data set, whatever their presets. A change counts as better than its "
+           "records of one budget on one data set, whatever their presets; a record extended with more seeds "
+           "(`--extend`) is shown by its extension. A change counts as better than its "
            f"baseline when Welch's one-sided t-test gives p < {ALPHA:g} (`scripts/speedrun.py --compare`).", ""]
     if not groups:
         out += ["No records yet.", ""]

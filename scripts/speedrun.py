@@ -5,6 +5,7 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4 optim.muon_lr=0.03 \\
         --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
+    python scripts/speedrun.py --extend NEW.json --runs 2 --compare BASE.json  # 2 more seeds of NEW, tested again
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
     python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
 
@@ -25,9 +26,10 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from llm.speedrun import (build_record, check_comparable, check_label, compare, comparison_lines, derive_label,
-                          format_budget, git_state, load_record, parse_budget, planned_data, read_records, read_run,
-                          require_runs, resolve_preset, summary_lines, write_leaderboard, write_record)
+from llm.speedrun import (build_record, check_comparable, check_label, check_same_setup, compare, comparison_lines,
+                          derive_label, extension_plan, format_budget, git_state, load_record, merged_record,
+                          parse_budget, planned_data, read_records, read_run, require_runs, resolve_preset,
+                          summary_lines, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
@@ -62,7 +64,13 @@ def train_one(cmd: list[str], what: str) -> None:
         raise UserError(f"{what} failed (exit status {code}): {last}")
 
 
-def speedrun(args: argparse.Namespace) -> None:
+def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:
+    """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
+    record, which the new record holds together with its runs."""
+    if extending is not None:
+        plan = extension_plan(*extending, ROOT)
+        args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
+        args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
     config = resolve_preset(args.preset)
     budget = parse_budget(args.budget)
     preset = config.stem
@@ -75,7 +83,8 @@ def speedrun(args: argparse.Namespace) -> None:
     records = Path(args.records_dir)
     baseline = None
     if args.compare:  # everything that can refuse the comparison does so before hours of training
-        require_runs(args.runs, "this speedrun (--runs)")
+        n_old = len(extending[1]["runs"]) if extending else 0
+        require_runs(args.runs + n_old, "this speedrun (--runs)")
         baseline = load_record(args.compare)
         check_comparable(baseline, preset, budget, args.compare, planned_data(config, data_from, args.overrides))
         require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
@@ -90,7 +99,8 @@ def speedrun(args: argparse.Namespace) -> None:
         group = first.with_name(f"{first.name}-{i}")
     print(f"speedrun: {preset}{f' on the data of {data_from.stem}' if data_from else ''} at {budget:,} tokens, "
           f"label {label}, {args.runs} runs, "
-          f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}", flush=True)
+          f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}"
+          + (f", extending {Path(extending[0]).name}" if extending else ""), flush=True)
     results = []
     for k in range(args.runs):
         seed = args.seed0 + k
@@ -100,9 +110,13 @@ def speedrun(args: argparse.Namespace) -> None:
                    "--experiment_name", f"seed{seed}", "--runs_dir", str(group), "--train_tokens", str(budget),
                    f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})")
         results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
+        if extending is not None:  # the same setup as the record's runs, or stop before training more
+            check_same_setup(extending[1], results[-1], extending[0])
 
     record = build_record(label=label, preset=preset, budget=budget, overrides=args.overrides, runs=results,
                           commit=commit, dirty=dirty, created=created, data_from=data_from.stem if data_from else None)
+    if extending is not None:
+        record = merged_record(extending[1], record, extending[0])
     print(f"\n{preset} at {budget:,} tokens, {label}:")
     print("\n".join(summary_lines(record)))
     if baseline is not None:
@@ -126,6 +140,8 @@ def main() -> None:
     p.add_argument("--runs_dir", default="runs", help="run folders go to <runs_dir>/speedrun/<record name>/seed<k>")
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
+    p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
+                   "and data, from a clean checkout of its commit): the new record holds all of its runs")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
     p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
@@ -135,7 +151,7 @@ def main() -> None:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
     training = [f for f in ("preset", "budget", "data_from") if getattr(args, f)] + (["overrides"] if args.overrides else [])
     if args.leaderboard:
-        if training or args.compare or args.candidate:
+        if training or args.compare or args.candidate or args.extend:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
         records = Path(args.records_dir)
         check_writable(records, "records folder")
@@ -146,13 +162,19 @@ def main() -> None:
     elif args.candidate:
         if not args.compare:
             raise UserError("--candidate needs --compare BASELINE")
-        if training:
-            raise UserError("--compare with --candidate compares two records and trains nothing: drop " + ", ".join(training))
+        if training or args.extend:
+            raise UserError("--compare with --candidate compares two records and trains nothing: drop "
+                            + ", ".join(training + (["extend"] if args.extend else [])))
         base, new = load_record(args.compare), load_record(args.candidate)
         result = compare(base, new, args.compare, args.confidence / 100)
         print("\n".join(comparison_lines(result, "candidate")))
         out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
         print(f"picture: {plot_records([(args.compare, base), (args.candidate, new)], out, result)}")
+    elif args.extend:
+        if training or args.label or args.seed0:
+            raise UserError("--extend takes the preset, budget, overrides, data, label and seeds from the record: "
+                            "give it only --runs (and --compare, --runs_dir, --records_dir)")
+        speedrun(args, (args.extend, load_record(args.extend)))
     elif args.preset and args.budget:
         speedrun(args)
     else:

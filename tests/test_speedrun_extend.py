@@ -1,0 +1,121 @@
+"""`scripts/speedrun.py --extend`: more seeds of a record, from its commit, in one record with its runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_LLM
+from llm.speedrun import (SCHEMA, check_same_setup, extension_plan, git_state, leaderboard, merged_record,
+                          summarise)
+from shared.errors import UserError
+
+HW = {"device": "cpu", "cpu": "x86_64", "cpu_threads": 1}
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def clean_copy(dest: Path) -> Path:
+    """The working tree's code (uncommitted edits included) as a clean commit of a repository of its own."""
+    for part in ("llm", "shared", "configs/llm", "scripts/speedrun.py", "scripts/train_llm.py"):
+        src, out = ROOT / part, dest / part
+        if src.is_dir():
+            shutil.copytree(src, out, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, out)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "code under test")
+    return dest
+
+
+def record(label: str, losses: list[float], commit: str | None, dirty: bool | None = False, **extra) -> dict:
+    runs = [{"seed": i, "loss": x, "accuracy": 0.5, "perplexity": 20.0, "train_time_s": 1.0} for i, x in enumerate(losses)]
+    return {"schema": SCHEMA, "label": label, "preset": "debug", "budget": 2048, "overrides": [], "git_commit": commit,
+            "git_dirty": dirty, "hardware": HW, "runs": runs, "curves": [{"seed": r["seed"]} for r in runs],
+            "summary": summarise(runs), "config": {"train": {"seed": 0, "budget": 2048}, "data": {"seq_len": 32}},
+            "data": {"sha256": "abc"}, **extra}
+
+
+def test_extension_needs_the_records_clean_commit_and_continues_its_seeds(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    commit, dirty = git_state(repo)
+    assert dirty is False
+    plan = extension_plan("r.json", record("x", [3.0, 3.1], commit, overrides=["optim.adam_lr=0.01"]), repo)
+    assert plan["seed0"] == 2 and plan["label"] == "x" and plan["overrides"] == ["optim.adam_lr=0.01"]
+    for rec, words in ((record("x", [3.0], "0" * 40), "commit 000000000000"),
+                       (record("x", [3.0], commit, dirty=True), "clean commit"),
+                       (record("x", [3.0], None), "clean commit"),
+                       (record("x", [3.0], commit, overrides=["data.source=sha256:1234"]), "content hash")):
+        with pytest.raises(UserError, match=words):
+            extension_plan("r.json", rec, repo)
+    (repo / "llm" / "speedrun.py").write_text("# edited\n")
+    with pytest.raises(UserError, match="uncommitted changes"):
+        extension_plan("r.json", record("x", [3.0], commit), repo)
+
+
+def test_new_runs_must_train_what_the_records_runs_did():
+    old = record("x", [3.0], "c")
+    run = {"config": {"train": {"seed": 5, "budget": 2048}, "data": {"seq_len": 32}}, "data": {"sha256": "abc"},
+           "hardware": HW}
+    check_same_setup(old, run, "r.json")  # only the seed differs
+    with pytest.raises(UserError, match="data.seq_len is 64, the record's 32"):
+        check_same_setup(old, {**run, "config": {"train": {"seed": 5}, "data": {"seq_len": 64}}}, "r.json")
+    with pytest.raises(UserError, match="another content"):
+        check_same_setup(old, {**run, "data": {"sha256": "def"}}, "r.json")
+    with pytest.raises(UserError, match="2 threads"):
+        check_same_setup(old, {**run, "hardware": {**HW, "cpu_threads": 2}}, "r.json")
+
+
+def test_the_merged_record_holds_every_run_and_supersedes_the_old_one_on_the_leaderboard(tmp_path):
+    old, new = record("x", [3.0, 3.2], "c"), record("x", [3.4], "c")
+    new["runs"][0]["seed"] = 2
+    merged = merged_record(old, new, "debug-2048-x-1.json")
+    assert [r["seed"] for r in merged["runs"]] == [0, 1, 2] and merged["extends"] == "debug-2048-x-1.json"
+    assert merged["summary"]["loss"]["mean"] == pytest.approx(3.2) and merged["summary"]["loss"]["n"] == 3
+    (tmp_path / "debug-2048-x-1.json").write_text(json.dumps(old))
+    (tmp_path / "debug-2048-x-2.json").write_text(json.dumps(merged))
+    board = leaderboard(tmp_path)
+    assert "debug-2048-x-2.json" in board and "debug-2048-x-1.json](" not in board
+
+
+@pytest.mark.slow
+def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    records, runs = tmp_path / "records", tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+
+    def speedrun(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(repo / "scripts" / "speedrun.py"), "--records_dir", str(records),
+                               "--runs_dir", str(runs), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    common = ["--preset", "debug", "--budget", "2048", *TINY_LLM]
+    base = speedrun(*common, "--runs", "2", "--label", "baseline")
+    assert base.returncode == 0, base.stderr[-3000:]
+    (baseline,) = records.glob("debug-2048-baseline-*.json")
+    one = speedrun(*common, "--runs", "1", "optim.adam_lr=0.01", "--label", "lr")
+    assert one.returncode == 0, one.stderr[-3000:]
+    (first,) = records.glob("debug-2048-lr-*.json")
+    more = speedrun("--extend", str(first), "--runs", "1", "--compare", str(baseline))
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "seeds 1..1" in more.stdout and "extending" in more.stdout and "loss: " in more.stdout
+    (merged,) = set(records.glob("debug-2048-lr-*.json")) - {first}
+    rec, old = json.loads(merged.read_text()), json.loads(first.read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["runs"][0] == old["runs"][0]
+    assert rec["extends"] == first.name and rec["overrides"] == old["overrides"] and rec["comparison"]["loss"]["n_new"] == 2
+    board = (records / "LEADERBOARD.md").read_text()
+    assert f"[{merged.name}]" in board and f"[{first.name}]" not in board
+    refused = speedrun("--extend", str(first), "--runs", "1", "--preset", "debug")
+    assert refused.returncode != 0 and "only --runs" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
