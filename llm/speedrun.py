@@ -308,16 +308,42 @@ def _runnable(override: str, root: Path) -> str:
     return override
 
 
+HARNESS = ("llm/speedrun.py", "llm/speedrun_plot.py")  # record and draw runs; they train nothing
+
+
+def affects_training(path: str) -> bool:
+    """Whether a file of the checkout can change what a speedrun's training run does."""
+    return (path.startswith(("llm/", "shared/", "configs/")) and path not in HARNESS) or \
+        path in ("scripts/train_llm.py", "pyproject.toml")
+
+
+def training_code_changes(root: Path, old: str, new: str) -> list[str] | None:
+    """The files that can change training between two commits (None: the old one is not in this checkout)."""
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", old, new], cwd=root, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [f for f in out.stdout.splitlines() if affects_training(f)] if out.returncode == 0 else None
+
+
 def extension_plan(name: str, record: dict, root: Path) -> dict:
     """What `--extend` trains: the record's preset, budget, overrides, data and label, from the next
-    unused seed, at the record's commit on a clean tree (seeds of one record come from one code)."""
+    unused seed, on a clean tree whose training code is the record's commit's (seeds of one record
+    come from one training code; the harness may have changed since)."""
     commit, dirty = git_state(root)
-    if record.get("git_commit") is None or record.get("git_dirty") is not False:
+    old = record.get("git_commit")
+    if old is None or record.get("git_dirty") is not False:
         raise UserError(f"cannot extend {name}: it does not say which clean commit trained it")
-    if commit != record["git_commit"] or dirty:
-        raise UserError(f"cannot extend {name}: it was trained at commit {record['git_commit'][:12]}, this checkout is "
-                        f"{(commit or 'unknown')[:12]}{' with uncommitted changes' if dirty else ''}; run from a clean "
-                        f"checkout of that commit (git worktree add ../extend {record['git_commit'][:12]})")
+    if dirty or commit is None:
+        raise UserError(f"cannot extend {name}: this checkout {'has uncommitted changes' if dirty else 'is not a git checkout'}"
+                        f"; run from a clean checkout of {old[:12]} (git worktree add ../extend {old[:12]})")
+    changed = training_code_changes(root, old, commit) if commit != old else []
+    if changed is None:
+        raise UserError(f"cannot extend {name}: its commit {old[:12]} is not in this checkout (git fetch it)")
+    if changed:
+        raise UserError(f"cannot extend {name}: {changed[0]} changed since its commit {old[:12]} (the training code must "
+                        f"be the same); run from a clean checkout of it (git worktree add ../extend {old[:12]})")
     return {"preset": record["preset"], "budget": record["budget"], "label": record["label"],
             "overrides": [_runnable(o, root) for o in record.get("overrides", [])], "data_from": record.get("data_from"),
             "seed0": max(r["seed"] for r in record["runs"]) + 1}

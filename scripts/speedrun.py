@@ -141,7 +141,8 @@ def main() -> None:
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
     p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
-                   "and data, from a clean checkout of its commit): the new record holds all of its runs")
+                   "and data; from a clean checkout whose training code is its commit's): the new record holds all "
+                   "of its runs")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
     p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")

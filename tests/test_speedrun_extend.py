@@ -54,7 +54,7 @@ def test_extension_needs_the_records_clean_commit_and_continues_its_seeds(tmp_pa
     assert dirty is False
     plan = extension_plan("r.json", record("x", [3.0, 3.1], commit, overrides=["optim.adam_lr=0.01"]), repo)
     assert plan["seed0"] == 2 and plan["label"] == "x" and plan["overrides"] == ["optim.adam_lr=0.01"]
-    for rec, words in ((record("x", [3.0], "0" * 40), "commit 000000000000"),
+    for rec, words in ((record("x", [3.0], "0" * 40), "not in this checkout"),
                        (record("x", [3.0], commit, dirty=True), "clean commit"),
                        (record("x", [3.0], None), "clean commit"),
                        (record("x", [3.0], commit, overrides=["data.source=sha256:1234"]), "content hash")):
@@ -62,6 +62,12 @@ def test_extension_needs_the_records_clean_commit_and_continues_its_seeds(tmp_pa
             extension_plan("r.json", rec, repo)
     (repo / "llm" / "speedrun.py").write_text("# edited\n")
     with pytest.raises(UserError, match="uncommitted changes"):
+        extension_plan("r.json", record("x", [3.0], commit), repo)
+    git(repo, "commit", "-qam", "the harness changes: the training code is the record's")
+    assert extension_plan("r.json", record("x", [3.0], commit), repo)["seed0"] == 1
+    (repo / "llm" / "model.py").write_text("# edited\n")
+    git(repo, "commit", "-qam", "the model changes")
+    with pytest.raises(UserError, match="llm/model.py changed since"):
         extension_plan("r.json", record("x", [3.0], commit), repo)
 
 
