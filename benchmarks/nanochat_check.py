@@ -1,5 +1,7 @@
 """Checks benchmarks/nanochat_recipe.py against nanochat's own code: the same weights give the same
-loss, and four optimiser steps (rates, schedules, NorMuon, cautious weight decay) the same weights.
+loss, and four optimiser steps (its parameter groups, AdamW settings, NorMuon, cautious weight
+decay, at the recipe's rates and schedule values given to both) the same weights. The schedules
+and the rate scaling are read against scripts/base_train.py, not run here (tests/test_nanochat_benchmark.py).
 It needs a checkout of karpathy/nanochat (92d63d4); nothing of it is copied here.
 
     python benchmarks/nanochat_check.py --nanochat <nanochat checkout>

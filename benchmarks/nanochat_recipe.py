@@ -49,6 +49,9 @@ from shared.muon import normalise_second_moment, orthogonalize
 from shared.trainer import hardware_info
 
 ROOT = Path(__file__).resolve().parent.parent
+# what this benchmark takes from a preset (its own recipe is fixed): the data, the shape, the batch
+TAKEN = ("data.", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "train.batch_size",
+         "train.eval_every")
 REF_WIDTH, REF_BATCH = 768, 2**19  # where nanochat's rates were tuned (d12), and its reference batch in tokens
 # its defaults (scripts/base_train.py): rates, weight decay, schedule
 RATES = dict(embedding=0.3, unembedding=0.008, matrix=0.02, scalar=0.5, weight_decay=0.28)
@@ -111,6 +114,7 @@ class NanochatGPT(nn.Module):
     def __init__(self, vocab: int, real_vocab: int, dim: int, layers: int, heads: int, kv_heads: int, seq_len: int):
         super().__init__()
         self.real_vocab, self.layers = real_vocab, layers
+        self.shape = {"aspect": dim // layers, "head_dim": dim // heads, "vocab": vocab}  # what base_train.py scales by
         ve_layers = [i for i in range(layers) if i % 2 == (layers - 1) % 2]  # alternate layers, the last one included
         self.wte = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, i in ve_layers) for i in range(layers))
@@ -223,7 +227,8 @@ def optimisers(model: NanochatGPT, dim: int, batch_tokens: int, target_tokens: f
              weight_decay=0.0),
     ], eps=1e-10, fused=True)
     matrices = list(model.blocks.parameters())
-    reference = PARAM_DATA_RATIO * scaling_params(reference_model())
+    cfg = model.shape
+    reference = PARAM_DATA_RATIO * scaling_params(reference_model(cfg["aspect"], cfg["head_dim"], cfg["vocab"]))
     wd = RATES["weight_decay"] * (batch * (reference / target_tokens) if scaled else 1.0)
     muon = NorMuon([dict(params=[p for p in matrices if p.shape == s]) for s in sorted({p.shape for p in matrices})],
                    lr=r["matrix"], weight_decay=wd)
@@ -238,11 +243,12 @@ def scaling_params(model: NanochatGPT) -> int:
     return sum(p.numel() for p in model.blocks.parameters()) + model.head.weight.numel()
 
 
-def reference_model() -> NanochatGPT:
-    """d12, where nanochat's rates were tuned: width 768, 6 heads of 128, its 32,768-token vocabulary
-    (shapes only)."""
+def reference_model(aspect: int, head_dim: int, vocab: int) -> NanochatGPT:
+    """d12, where nanochat's rates were tuned, as its base_train.py builds it for a run: 12 layers
+    of 12 x aspect (rounded up to whole heads), all heads of head_dim, the run's vocabulary (shapes only)."""
+    width = -(-12 * aspect // head_dim) * head_dim
     with torch.device("meta"):
-        return NanochatGPT(32768, 32768, REF_WIDTH, 12, 6, 6, 2048)
+        return NanochatGPT(vocab, vocab, width, 12, width // head_dim, width // head_dim, 2048)
 
 
 def lr_multiplier(it: int, steps: int) -> float:
@@ -342,9 +348,16 @@ def main() -> None:
     config, budget = resolve_preset(args.preset), parse_budget(args.budget)
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
+    if bad := [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(TAKEN)]:
+        raise UserError(f"override {bad[0]!r} is not one this benchmark takes (nanochat's recipe is fixed): only "
+                        "data.*, the shape (model.d_model, n_layers, n_heads, n_kv_heads), train.batch_size and "
+                        "train.eval_every")
     cfg = load_config(LLMRunConfig, config, [*args.overrides, f"train.budget={budget}"])
     if cfg.data.ids_field:
         raise UserError("this benchmark reads text sources only (the preset has data.ids_field)")
+    if cfg.train.grad_accum != 1:
+        raise UserError(f"{config.stem} accumulates {cfg.train.grad_accum} micro-batches a step; this benchmark steps "
+                        "on every batch: give a preset with train.grad_accum = 1")
     baseline = None
     if args.compare:
         require_runs(args.runs, "this benchmark (--runs)")

@@ -303,7 +303,7 @@ def _runnable(override: str, root: Path) -> str:
     if inner.startswith(("sha256:", "gone:")):
         raise UserError(f"cannot extend: the override {override!r} named a path outside the workspace, which the "
                         "record keeps only as a content hash; train a new record with it instead")
-    if inner.startswith("..") and (root / inner).exists():
+    if inner and not _is_abs_path(inner) and (root / inner).exists():  # portable() wrote it relative to the checkout
         return f"{key}={json.dumps(str((root / inner).resolve()))}"
     return override
 
@@ -320,7 +320,7 @@ def affects_training(path: str) -> bool:
 def training_code_changes(root: Path, old: str, new: str) -> list[str] | None:
     """The files that can change training between two commits (None: the old one is not in this checkout)."""
     try:
-        out = subprocess.run(["git", "diff", "--name-only", old, new], cwd=root, capture_output=True, text=True,
+        out = subprocess.run(["git", "diff", "--name-only", "--no-renames", old, new], cwd=root, capture_output=True, text=True,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -337,13 +337,13 @@ def extension_plan(name: str, record: dict, root: Path) -> dict:
         raise UserError(f"cannot extend {name}: it does not say which clean commit trained it")
     if dirty or commit is None:
         raise UserError(f"cannot extend {name}: this checkout {'has uncommitted changes' if dirty else 'is not a git checkout'}"
-                        f"; run from a clean checkout of {old[:12]} (git worktree add ../extend {old[:12]})")
+                        ", so what trains is not a commit; commit or stash them first")
     changed = training_code_changes(root, old, commit) if commit != old else []
     if changed is None:
         raise UserError(f"cannot extend {name}: its commit {old[:12]} is not in this checkout (git fetch it)")
     if changed:
-        raise UserError(f"cannot extend {name}: {changed[0]} changed since its commit {old[:12]} (the training code must "
-                        f"be the same); run from a clean checkout of it (git worktree add ../extend {old[:12]})")
+        raise UserError(f"cannot extend {name}: {changed[0]} changed since its commit {old[:12]}, and the seeds of one "
+                        "record come from one training code; train a new record instead")
     return {"preset": record["preset"], "budget": record["budget"], "label": record["label"],
             "overrides": [_runnable(o, root) for o in record.get("overrides", [])], "data_from": record.get("data_from"),
             "seed0": max(r["seed"] for r in record["runs"]) + 1}

@@ -69,9 +69,16 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
     record, which the new record holds together with its runs."""
     if extending is not None:
         plan = extension_plan(*extending, ROOT)
+        if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
+            raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
         args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
         args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
-    config = resolve_preset(args.preset)
+    try:
+        config = resolve_preset(args.preset)
+    except UserError:
+        if extending is None:
+            raise
+        raise UserError(f"cannot extend {extending[0]}: its preset {args.preset!r} is not an LLM preset here") from None
     budget = parse_budget(args.budget)
     preset = config.stem
     if args.runs < 1:
@@ -133,7 +140,7 @@ def main() -> None:
     p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, 5dollar-88m, ...) or a .toml path")
     p.add_argument("--budget", help="training tokens per run: 8M, 20M, 100M, 1B, 500k, 2048, ...")
     p.add_argument("--runs", type=int, default=4, help="runs with seeds seed0, seed0+1, ... (default 4)")
-    p.add_argument("--seed0", type=int, default=0, help="seed of the first run")
+    p.add_argument("--seed0", type=int, help="seed of the first run (default 0; --extend: the record's next)")
     p.add_argument("--label", help="names the record (default: baseline, or derived from the overrides)")
     p.add_argument("--data_from", metavar="PRESET", help="train on another preset's data (its [data] table), e.g. "
                    "--preset blueberry-88m --data_from 5dollar-88m: Blueberry's recipe on 5-dollar-llm's benchmark")
@@ -172,11 +179,12 @@ def main() -> None:
         out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
         print(f"picture: {plot_records([(args.compare, base), (args.candidate, new)], out, result)}")
     elif args.extend:
-        if training or args.label or args.seed0:
+        if training or args.label or args.seed0 is not None:
             raise UserError("--extend takes the preset, budget, overrides, data, label and seeds from the record: "
                             "give it only --runs (and --compare, --runs_dir, --records_dir)")
         speedrun(args, (args.extend, load_record(args.extend)))
     elif args.preset and args.budget:
+        args.seed0 = args.seed0 or 0
         speedrun(args)
     else:
         raise UserError("give --preset and --budget to train (or --compare BASE --candidate NEW, or --leaderboard)")

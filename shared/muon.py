@@ -85,7 +85,8 @@ class Muon(torch.optim.Optimizer):
         """`merged`: groups of 2-D parameters (all in `params`, of one width) orthogonalised as one
         matrix, their rows stacked in the order given. `beta2` > 0: NorMuon's second-moment
         normalisation (normalise_second_moment). `cautious_wd`: weight decay only where the update
-        and the weight have the same sign (it would shrink the weight anyway), as nanochat decays."""
+        and the weight have the same sign (it would shrink the weight anyway), at the update's
+        shape-scaled rate, as nanochat decays (plain decay runs at lr)."""
         if ns not in NS_METHODS:
             raise ValueError(f"unknown orthogonalisation {ns!r}; choose one of {NS_METHODS}")
         if not 0.0 <= beta2 < 1.0:
@@ -174,9 +175,9 @@ class Muon(torch.optim.Optimizer):
                     ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()], run_check=False)
                              .redistribute(p.device_mesh, p.placements) for o, p in zip(ortho, params)]
                 scale = group["lr"] * max(1.0, rows / cols) ** 0.5
-                if group["weight_decay"] and group["cautious_wd"]:  # p -= lr wd p where update and p agree in sign
+                if group["weight_decay"] and group["cautious_wd"]:  # at the update's rate where it and p agree in sign
                     decay = [p * ((o * p) >= 0) for p, o in zip(params, ortho)]
-                    torch._foreach_add_(params, decay, alpha=-group["lr"] * group["weight_decay"])
+                    torch._foreach_add_(params, decay, alpha=-scale * group["weight_decay"])
                 elif group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(params, ortho, alpha=-scale)
@@ -188,11 +189,12 @@ class Muon(torch.optim.Optimizer):
         m, n = ortho.shape[-2:]
         counts = [ortho.shape[0] // len(units)] * len(units)  # stacked experts: E matrices per unit
         seconds = []
-        for unit, k in zip(units, counts):
+        for unit, k in zip(units, counts):  # keyed by shape: a merged group also steps alone when a member lacks a grad
+            key = f"second_moment_{m}x{n}"
             state = self.state[unit[0]]
-            if "second_moment" not in state:
-                state["second_moment"] = torch.zeros((k, m, 1) if m >= n else (k, 1, n), device=ortho.device)
-            seconds.append(state["second_moment"])
+            if key not in state:
+                state[key] = torch.zeros((k, m, 1) if m >= n else (k, 1, n), device=ortho.device)
+            seconds.append(state[key])
         second = torch.cat(seconds) if len(seconds) > 1 else seconds[0]
         out = normalise_second_moment(ortho, second, beta2)
         if len(seconds) > 1:  # cat made a copy: write each unit's moment back

@@ -36,8 +36,10 @@ def test_schedules_are_nanochats():
     assert [m is None for m in model.masks] == [False, False, False, True]
     assert model.masks[0][300, 300 - 128] and not model.masks[0][300, 300 - 129] and not model.masks[0][3, 4]
     assert sorted(model.value_embeds) == ["1", "3"]  # alternate layers, the last one included
-    # d12: 12 layers of 12 d^2 matrices, value-embedding gates on 6 of them, the head
-    assert nc.scaling_params(nc.reference_model()) == 12 * 12 * 768 ** 2 + 6 * 12 * 6 + 32768 * 768
+    # d12 as base_train.py builds it by default (aspect 64, heads of 128, its 32,768 tokens): 12 layers of
+    # 12 d^2 matrices, value-embedding gates (12 channels to 6 heads) on 6 of them, the head
+    assert nc.scaling_params(nc.reference_model(64, 128, 32768)) == 12 * 12 * 768 ** 2 + 6 * 12 * 6 + 32768 * 768
+    assert nc.reference_model(64, 64, 50304).blocks[0].attn.heads == 12  # cpu-16m's heads of 64
 
 
 @pytest.mark.slow
@@ -47,7 +49,8 @@ def test_nanochat_run_is_recorded_and_compared_with_the_presets_records(tmp_path
     base = run_script("speedrun.py", *common, *TINY_LLM, cwd=tmp_path, env_extra=ENV)
     assert base.returncode == 0, base.stderr[-3000:]
     (baseline,) = records.glob("debug-2048-*.json")
-    out = run_benchmark(*common, *TINY_LLM, "--compare", str(baseline), cwd=tmp_path)
+    taken = [o for o in TINY_LLM if o.startswith(("data.", "train.batch_size", "train.eval_every"))]
+    out = run_benchmark(*common, *taken, "--compare", str(baseline), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "nanochat:" in out.stdout and "loss: " in out.stdout and "95% CI" in out.stdout
     (path,) = records.glob("nanochat-2048-*.json")
@@ -57,5 +60,7 @@ def test_nanochat_run_is_recorded_and_compared_with_the_presets_records(tmp_path
     assert rec["config"]["nanochat"]["window_pattern"] == "SSSL" and rec["comparison"]["baseline"] == baseline.name
     assert all(math.isfinite(r["loss"]) and r["tokens"] == 2048 for r in rec["runs"])
     assert "| nanochat |" in (records / "LEADERBOARD.md").read_text()
-    bad = run_benchmark("--preset", "debug", "--budget", "2048", "--runs", "1", "model.no_such_key=1", cwd=tmp_path)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    for override in ("model.no_such_key=1", "optim.muon_lr=0.1"):  # refused, never parsed and ignored
+        bad = run_benchmark("--preset", "debug", "--budget", "2048", "--runs", "1", override, cwd=tmp_path)
+        assert bad.returncode != 0 and "not one this benchmark takes" in bad.stderr
+        assert bad.stderr.strip().startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1

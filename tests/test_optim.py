@@ -309,7 +309,7 @@ def test_normuon_evens_the_rows_at_the_update_norm_and_keeps_its_moment():
         want = u / v.sqrt() * (u.norm() / (u / v.sqrt()).norm())
         step = 0.1 * max(1.0, shape[0] / shape[1]) ** 0.5
         assert torch.allclose((p.detach() - q.detach()) / step, want - u, atol=1e-5)
-        assert torch.allclose(nor.state[q]["second_moment"][0], v, atol=1e-6)
+        assert torch.allclose(nor.state[q][f"second_moment_{shape[0]}x{shape[1]}"][0], v, atol=1e-6)
         assert (want.norm() - u.norm()).abs() < 1e-4 and not torch.allclose(want, u, atol=1e-3)
 
 
@@ -354,6 +354,20 @@ def test_normuon_keeps_one_moment_per_expert_matrix():
             a.grad = g[e].clone()
         for opt in opts:
             opt.step()
-    assert opts[0].state[stacked]["second_moment"].shape == (3, 16, 1)
+    assert opts[0].state[stacked]["second_moment_16x8"].shape == (3, 16, 1)
     for e, a in enumerate(alone):
         assert torch.allclose(stacked.detach()[e], a.detach(), atol=1e-6)
+
+
+def test_normuon_on_a_merged_group_also_steps_a_member_alone():
+    """A merged group whose member has no gradient this step orthogonalises the others alone: each
+    matrix shape keeps its own second moment."""
+    torch.manual_seed(0)
+    q, k = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    opt = Muon([q, k], lr=0.1, beta2=0.9, merged=[[q, k]])
+    q.grad, k.grad = torch.randn(8, 8), torch.randn(8, 8)
+    opt.step()
+    q.grad, k.grad = torch.randn(8, 8), None
+    opt.step()
+    assert opt.state[q]["second_moment_16x8"].shape == (1, 16, 1) and opt.state[q]["second_moment_8x8"].shape == (1, 8, 1)
+    assert torch.isfinite(q).all() and "second_moment_8x8" not in opt.state[k]

@@ -54,6 +54,9 @@ def test_extension_needs_the_records_clean_commit_and_continues_its_seeds(tmp_pa
     assert dirty is False
     plan = extension_plan("r.json", record("x", [3.0, 3.1], commit, overrides=["optim.adam_lr=0.01"]), repo)
     assert plan["seed0"] == 2 and plan["label"] == "x" and plan["overrides"] == ["optim.adam_lr=0.01"]
+    (repo / "data_cache").mkdir()  # a path inside the checkout, which a record writes relative to it
+    plan = extension_plan("r.json", record("x", [3.0], commit, overrides=["data.source=data_cache"]), repo)
+    assert plan["overrides"] == [f"data.source={json.dumps(str((repo / 'data_cache').resolve()))}"]
     for rec, words in ((record("x", [3.0], "0" * 40), "not in this checkout"),
                        (record("x", [3.0], commit, dirty=True), "clean commit"),
                        (record("x", [3.0], None), "clean commit"),
@@ -123,5 +126,8 @@ def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
     assert rec["extends"] == first.name and rec["overrides"] == old["overrides"] and rec["comparison"]["loss"]["n_new"] == 2
     board = (records / "LEADERBOARD.md").read_text()
     assert f"[{merged.name}]" in board and f"[{first.name}]" not in board
-    refused = speedrun("--extend", str(first), "--runs", "1", "--preset", "debug")
-    assert refused.returncode != 0 and "only --runs" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    for args, words in ((["--extend", str(first), "--runs", "1", "--preset", "debug"], "only --runs"),
+                        (["--extend", str(first), "--runs", "1", "--seed0", "0"], "only --runs"),
+                        (["--extend", str(first), "--runs", "1"], f"{merged.name} extends it already")):
+        refused = speedrun(*args)
+        assert refused.returncode != 0 and words in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
