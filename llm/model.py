@@ -56,7 +56,8 @@ class DecoderConfig:
     smear: bool = False  # each embedding adds its predecessor's, through a gate read from its first channels
     value_gate: bool = False  # value embeddings scaled per KV head by a gate (needs value_embeds)
     # "nanochat": q, k, v and value tables uniform with std 1 / sqrt(d_model), the MLP's input 0.4 times
-    # that; "normal": everything N(0, init_std). Embeddings and head keep init_std either way.
+    # that, an untied embedding N(0, 0.8) and head N(0, 0.001) (tied, they keep init_std);
+    # "normal": everything N(0, init_std)
     init: Literal["normal", "nanochat"] = "normal"
     # residual_scalars' start: "identity" (a = 1, b = 0) or "nanochat" (a from 1.15 down to 1.05,
     # b from 0.20 down to 0.05 over the layers)
@@ -145,6 +146,8 @@ class Decoder(ModelHooks, nn.Module):
                 nn.init.normal_(down if isinstance(down, nn.Parameter) else down.weight, std=std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        elif cfg.init == "nanochat":
+            nn.init.normal_(self.lm_head.weight, std=0.001)
         elif cfg.zero_init_out:
             nn.init.zeros_(self.lm_head.weight)  # untied head starts at uniform predictions
         cos, sin = rope_1d(max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
@@ -166,6 +169,8 @@ class Decoder(ModelHooks, nn.Module):
                     nn.init.uniform_(layer.weight, -0.4 * bound, 0.4 * bound)
         for table in self.value_embeds:
             nn.init.uniform_(table.weight, -bound, bound)
+        if not self.cfg.tie_embeddings:  # an untied embedding N(0, 0.8) (nanochat normalises it on the way in)
+            nn.init.normal_(self.tok_emb.weight, std=0.8)
 
     def mlp_width(self, layer: int) -> int:
         """The dense MLP's hidden width at a layer: mlp_hidden, or the pyramid's (multiples of 64)."""

@@ -150,7 +150,10 @@ def test_nanochat_inits_are_uniform_at_its_scales_and_start_the_scalars_where_it
         assert w.abs().max() <= bound and w.std().item() == pytest.approx(1 / 16, rel=0.05)  # uniform, std 1/sqrt(d)
     for w in (m.blocks[1].mlp.up.weight, m.blocks[1].mlp.gate.weight):
         assert w.abs().max() <= 0.4 * bound and w.std().item() == pytest.approx(0.4 / 16, rel=0.05)
-    assert m.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)  # embeddings keep init_std
+    assert m.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)  # a tied embedding keeps init_std
+    untied = Decoder(DecoderConfig(**wide, init="nanochat", tie_embeddings=False), 24)
+    assert untied.tok_emb.weight.std().item() == pytest.approx(0.8, rel=0.05)
+    assert untied.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert not m.blocks[0].attn.o.weight.any() and not m.blocks[0].mlp.down.weight.any()  # outputs still zero
     s = Decoder(DecoderConfig(**BASE, residual_scalars=True, residual_init="nanochat"), 24)
     assert torch.allclose(s.resid_scale, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
