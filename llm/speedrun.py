@@ -29,7 +29,7 @@ from typing import Callable
 
 from shared.config import apply_overrides, load_toml, renamed
 from shared.errors import ConfigError, UserError
-from shared.run import find_preset
+from shared.run import find_preset, flatten
 from shared.stats import mean_std, welch_less
 
 from .config import LLMRunConfig, data_keys
@@ -352,13 +352,7 @@ def extension_plan(name: str, record: dict, root: Path) -> dict:
 def check_same_setup(record: dict, run: dict, name: str) -> None:
     """A new run of an extension trained what the record's runs did: its resolved config equal but
     for the seed, on the same data, on the same hardware."""
-    def flat(tree: dict | None, prefix: str = "") -> dict:
-        out = {}
-        for k, v in (tree or {}).items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    old, new = flat(record.get("config")), flat(run["config"])
+    old, new = flatten(record.get("config") or {}), flatten(run["config"] or {})
     if differ := [k for k in sorted(set(old) | set(new)) if k != "train.seed" and old.get(k) != new.get(k)]:
         raise UserError(f"cannot extend {name}: the new run's {differ[0]} is {_shown(new.get(differ[0]))}, the record's "
                         f"{_shown(old.get(differ[0]))}")

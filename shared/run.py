@@ -223,10 +223,10 @@ def resumed_config(cls: type[T], saved_path: Path, preset: str | None, given: li
     except ConfigError as e:
         raise ConfigError(f"{saved_path} does not load: {e}") from None
     preset_data = renamed(cls, load_toml(preset)) if preset else {}
-    requested = _flatten(to_dict(from_dict(cls, apply_overrides(_merge(copy.deepcopy(base), preset_data), list(given)))))
-    before, explicit = _flatten(base), _flatten(renamed(cls, apply_overrides({}, list(given))))
+    requested = flatten(to_dict(from_dict(cls, apply_overrides(_merge(copy.deepcopy(base), preset_data), list(given)))))
+    before, explicit = flatten(base), flatten(renamed(cls, apply_overrides({}, list(given))))
     changed, ignored = [], []
-    for key in sorted(set(_flatten(preset_data)) | set(explicit)):
+    for key in sorted(set(flatten(preset_data)) | set(explicit)):
         old, new = before.get(key), requested.get(key)
         if same_setting(old, new) or (key in DERIVED and not new):
             continue
@@ -259,7 +259,7 @@ def _check_kind(raw: dict, run_dir: Path, package: str | None) -> None:
 
 def run_kind(data: dict) -> str | None:
     """The package whose run wrote this config (RUN_KINDS), or None."""
-    keys = set(_flatten(data)) | set(data)
+    keys = set(flatten(data)) | set(data)
     return next((package for package, (key, _) in RUN_KINDS.items() if key in keys), None)
 
 
@@ -273,12 +273,12 @@ def load_run_config(run_dir: Path, cls: type[T], package: str) -> T:
         raise ConfigError(f"{Path(run_dir) / 'config.toml'} is not a {RUN_KINDS[package][1]} run config: {e}") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; tuples as lists, as TOML reads them back."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
@@ -326,7 +326,7 @@ def save_config(cfg: object, run_dir: Path, resume: Path | None = None) -> None:
     if resume is None:
         log.unlink(missing_ok=True)
     elif path.is_file():
-        before, after = _flatten(_today(type(cfg), load_toml(path))), _flatten(data)
+        before, after = flatten(_today(type(cfg), load_toml(path))), flatten(data)
         step = checkpoint_step(resume)
         lines = [json.dumps({"step": step, "key": k, "before": before.get(k), "after": after.get(k)})
                  for k in sorted(set(before) | set(after)) if not same_setting(before.get(k), after.get(k))]

@@ -63,10 +63,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def run_script(script: str, *args: str, cwd: Path, timeout: int = 600,
-               env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """Run scripts/<script> as a user would; returns the completed process (never raises)."""
+               env_extra: dict | None = None, folder: str = "scripts") -> subprocess.CompletedProcess:
+    """Run <folder>/<script> as a user would; returns the completed process (never raises)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / folder / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

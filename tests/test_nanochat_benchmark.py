@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -18,9 +17,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run_benchmark(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **ENV}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nanochat_recipe.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script("nanochat_recipe.py", *args, cwd=cwd, env_extra=ENV, folder="benchmarks")
 
 
 def test_schedules_are_nanochats():
