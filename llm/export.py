@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
+from shared.blocks import Attention
 from shared.checkpoint import resolve_checkpoint
 from shared.errors import UserError
 from shared.hub import hub_endpoint, hub_failure, require_hub
@@ -43,23 +44,14 @@ HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_blueberry.py", "modeling_blueberry.py")
 # options that change the forward pass; the others (depth_init, zero_init_out, init_std, init, residual_init,
 # merged_qkvo) only initialise or train
-FORWARD_OPTIONS = ("gated_attn", "sandwich_norm", "embed_scale", "value_embeds", "residual_scalars", "logit_softcap")
-
-
-# options under measurement (benchmarks/results/llm_recipe.md): the exported code learns one when it wins
-NOT_EXPORTED = ("embed_norm", "smear", "value_gate")
+FORWARD_OPTIONS = ("gated_attn", "sandwich_norm", "embed_scale", "embed_norm", "smear", "value_embeds", "value_gate",
+                   "residual_scalars", "logit_softcap")
 
 
 def check_exportable(model: Decoder) -> None:
     if model.cfg.moe is not None:
         raise UserError("this run is a mixture of experts: export maps dense models only; a Qwen3-MoE mapping is "
                         "not written yet")
-    used = [f"model.{k}" for k in NOT_EXPORTED if getattr(model.cfg, k)]
-    if model.cfg.qk_scale != 1.0:
-        used.append("model.qk_scale")
-    if used:
-        raise UserError(f"this run uses {', '.join(used)}: the exported model code does not implement "
-                        f"{'it' if len(used) == 1 else 'them'} yet")
 
 
 def custom_features(model: Decoder) -> list[str]:
@@ -68,6 +60,8 @@ def custom_features(model: Decoder) -> list[str]:
     why = ["squared-ReLU MLP"] if c.mlp != "swiglu" else []
     if len({model.mlp_width(i) for i in range(c.n_layers)}) > 1:
         why.append("model.mlp_hidden_last")
+    if c.qk_scale != 1.0:
+        why.append("model.qk_scale")
     return why + [f"model.{name}" for name in FORWARD_OPTIONS if getattr(c, name)]
 
 
@@ -93,7 +87,9 @@ def hf_config(model: Decoder, tok: TextTokenizer) -> dict:
                 "intermediate_sizes": [model.mlp_width(i) for i in range(c.n_layers)], "qk_norm": c.qk_norm,
                 "tie_embeddings": c.tie_embeddings, "tie_word_embeddings": False, "embed_scale": c.embed_scale,
                 "logit_softcap": c.logit_softcap, "sandwich_norm": c.sandwich_norm, "gated_attn": c.gated_attn,
-                "residual_scalars": c.residual_scalars, "value_embeds": c.value_embeds}
+                "residual_scalars": c.residual_scalars, "value_embeds": c.value_embeds, "embed_norm": c.embed_norm,
+                "smear": c.smear, "smear_channels": Decoder.SMEAR_CHANNELS, "value_gate": c.value_gate,
+                "value_gate_channels": Attention.VALUE_GATE_CHANNELS, "qk_scale": c.qk_scale}
     config = {**common, "model_type": arch.removesuffix("ForCausalLM").lower(), "intermediate_size": c.mlp_hidden,
               "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
               "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}  # 5.x; 4.x reads rope_theta

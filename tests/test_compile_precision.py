@@ -15,13 +15,14 @@ import time
 import pytest
 import torch
 
-from trainers import MOE, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
+from trainers import MOE, NANOCHAT, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
 
 pytestmark = pytest.mark.gpu_paths
 
 BUILDERS = {
     "llm": lambda d, *o: llm_trainer(d, *o),
     "llm-doc-mask": lambda d, *o: llm_trainer(d, "data.doc_mask=true", *o),
+    "llm-nanochat": lambda d, *o: llm_trainer(d, *NANOCHAT, *o),
     # the grouped matmul compiles in bf16 only (CPU and CUDA alike)
     "llm-moe": lambda d, *o: llm_trainer(d, *MOE, "model.moe.bias_rate=0.001", *o),
     "flow_matching": flow_matching_trainer,
@@ -38,7 +39,7 @@ def losses(trainer, steps: int = STEPS) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llm", "llm-moe", "flow_matching", "vqvae", "multimodal"])
+@pytest.mark.parametrize("name", ["llm", "llm-nanochat", "llm-moe", "flow_matching", "vqvae", "multimodal"])
 def test_compiled_training_matches_eager_and_compiles_once(tmp_path, name):
     import torch._dynamo
     import torch._inductor.config

@@ -15,7 +15,7 @@ import pytest
 
 from shared.syncs import SyncCounter
 from shared.trainer import Trainer
-from trainers import MOE, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
+from trainers import MOE, NANOCHAT, classifier_trainer, flow_matching_trainer, llm_trainer, multimodal_trainer, vqvae_trainer
 
 pytestmark = [pytest.mark.gpu_paths, pytest.mark.usefixtures("one_thread")]
 
@@ -39,8 +39,9 @@ def assert_no_syncs(counter: SyncCounter) -> None:
 
 
 @pytest.mark.parametrize("overrides", [(), ("data.doc_mask=true",), ("model.loss_chunk=64", "model.logit_softcap=15.0"),
-                                       (*MOE, "model.moe.bias_rate=0.001"), (*MOE, "model.moe.capacity_factor=1.25")],
-                         ids=["dense", "doc-mask", "chunked-loss", "moe-bias", "moe-capacity"])
+                                       (*MOE, "model.moe.bias_rate=0.001"), (*MOE, "model.moe.capacity_factor=1.25"),
+                                       tuple(NANOCHAT)],
+                         ids=["dense", "doc-mask", "chunked-loss", "moe-bias", "moe-capacity", "nanochat-options"])
 def test_llm_step_has_no_host_syncs(tmp_path, overrides):
     """Dense, with document masks and with the chunked loss; MoE dropless with its balancing bias and with
     a capacity. Before: 10 syncs a step from AdamW's single-tensor path (a step count read per

@@ -42,6 +42,9 @@ SHAPES = {
         gated_attn=True, residual_scalars=True, value_embeds=1, mlp_hidden_last=192)),
     "options (swiglu, QK-norm, tied)": ("BlueberryForCausalLM", dict(
         mlp="swiglu", gated_attn=True, value_embeds=2, residual_scalars=True, mlp_hidden_last=256)),
+    "nanochat's options (relu2, QK-norm, untied)": ("BlueberryForCausalLM", dict(
+        mlp="relu2", tie_embeddings=False, embed_norm=True, smear=True, value_embeds=1, value_gate=True,
+        residual_scalars=True, logit_softcap=15.0, qk_scale=1.2, rope_theta=100_000.0, n_layers=3)),
 }
 
 
@@ -56,7 +59,7 @@ def fake_run(path, summary: dict | None = None, **model_kw) -> tuple[Decoder, Te
     model = Decoder(cfg.model, cfg.data.seq_len)
     with torch.no_grad():  # norms, gains and gates away from their initial values, so a misplaced one would show
         for name, p in model.named_parameters():
-            if "norm" in name or "scale" in name or name.endswith("bias"):
+            if "norm" in name or "scale" in name or name.endswith("bias") or name == "smear_lambda":
                 p.uniform_(0.5, 1.5)
     path.mkdir(parents=True)
     save_config(cfg, path)
@@ -180,9 +183,6 @@ def test_export_refuses_moe_and_a_used_folder(tmp_path):
     fake_run(tmp_path / "moe", moe=MoEConfig(experts=4, hidden=32))
     with pytest.raises(UserError, match="mixture of experts"):
         export_run(load_llm_run(tmp_path / "moe"), tmp_path / "hf")
-    fake_run(tmp_path / "smear", smear=True, qk_scale=1.2)  # options still under measurement
-    with pytest.raises(UserError, match="uses model.smear, model.qk_scale: the exported model code does not"):
-        export_run(load_llm_run(tmp_path / "smear"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))  # nothing left behind
     fake_run(tmp_path / "run")
     (tmp_path / "used").mkdir()

@@ -40,6 +40,12 @@ def llm_trainer(run_dir: Path, *overrides: str, preset: str = "debug") -> Traine
 
 
 MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.hidden=64", "model.moe.dense_layers=1"]
+# the nanochat options of benchmarks/results/llm_recipe.md, the trainable ones all on
+NANOCHAT = ["model.tie_embeddings=false", "model.embed_norm=true", 'model.init="nanochat"', "model.value_embeds=1",
+            "model.value_gate=true", "model.residual_scalars=true", 'model.residual_init="nanochat"', "model.smear=true",
+            "model.logit_softcap=15", "model.qk_scale=1.2", "optim.embed_lr=0.52", "optim.head_lr=0.0139",
+            "optim.muon_beta2=0.9", "optim.muon_cautious_wd=true", "optim.muon_weight_decay=0.28",
+            "optim.muon_momentum_warmup=4"]
 
 
 def shapes(n_per_class: int, seed: int) -> ImageSet:

@@ -14,7 +14,8 @@ class BlueberryConfig(PretrainedConfig):
                  num_key_value_heads=2, mlp="relu2", intermediate_size=512, intermediate_sizes=None, qk_norm=True,
                  tie_embeddings=True, rope_theta=10_000.0, rms_norm_eps=1e-6, max_position_embeddings=128,
                  embed_scale=False, logit_softcap=0.0, sandwich_norm=False, gated_attn=False,
-                 residual_scalars=False, value_embeds=0, **kwargs):
+                 residual_scalars=False, value_embeds=0, embed_norm=False, smear=False, smear_channels=24,
+                 value_gate=False, value_gate_channels=12, qk_scale=1.0, **kwargs):
         if mlp not in ("relu2", "swiglu"):
             raise ValueError(f"mlp must be 'relu2' or 'swiglu', got {mlp!r}")
         if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
@@ -31,6 +32,10 @@ class BlueberryConfig(PretrainedConfig):
         self.rope_theta, self.rms_norm_eps, self.max_position_embeddings = rope_theta, rms_norm_eps, max_position_embeddings
         self.embed_scale, self.logit_softcap, self.sandwich_norm = embed_scale, logit_softcap, sandwich_norm
         self.gated_attn, self.residual_scalars, self.value_embeds = gated_attn, residual_scalars, value_embeds
+        self.embed_norm, self.qk_scale = embed_norm, qk_scale
+        # the smear and value gates read the first *_channels channels of their input
+        self.smear, self.smear_channels = smear, smear_channels
+        self.value_gate, self.value_gate_channels = value_gate, value_gate_channels
         # the model computes a tied head from the embedding itself and holds no lm_head then: transformers'
         # own tying (which differs between 4.x and 5.x) is kept out of it
         kwargs["tie_word_embeddings"] = False

@@ -5,8 +5,9 @@ exported folder or a Hub repository. Its forward pass is llm/model.py's, operati
 pre-norm blocks with torch's RMSNorm, grouped-query attention through scaled_dot_product_attention,
 optional per-head QK-norm before RoPE, rotary embeddings on the two halves of each head (i, i + D/2)
 from inverse frequencies computed in float64, squared-ReLU or SwiGLU MLPs, and the architecture
-options (embedding scale, sandwich norms, gated attention, residual scalars, value embeddings,
-per-layer MLP widths, logit soft-cap). A tied output layer is the embedding matrix itself.
+options (embedding norm and scale, the previous-token smear, sandwich norms, gated attention,
+the query/key scale, residual scalars, value embeddings and their gates, per-layer MLP widths,
+logit soft-cap). A tied output layer is the embedding matrix itself.
 
 There is no KV cache: generate() runs the whole sequence at each step (correct, quadratic in
 length; these are small models). attention_mask handles padding on either side: positions count
@@ -43,8 +44,14 @@ class BlueberryRMSNorm(nn.RMSNorm):
     pass  # the name tells transformers' default initialisation that this is a norm (weight = 1)
 
 
+def has_value_table(config, layer):
+    """The first N layers and again the last N add a value embedding (N = config.value_embeds)."""
+    n = config.value_embeds
+    return n > 0 and (layer < n or layer >= config.num_hidden_layers - n)
+
+
 class BlueberryAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
@@ -56,6 +63,10 @@ class BlueberryAttention(nn.Module):
         self.q_norm = BlueberryRMSNorm(hd, eps=eps) if config.qk_norm else nn.Identity()
         self.k_norm = BlueberryRMSNorm(hd, eps=eps) if config.qk_norm else nn.Identity()
         self.gate = nn.Linear(d, self.n_heads, bias=True) if config.gated_attn else None
+        self.value_gate = None
+        if config.value_gate and has_value_table(config, layer):
+            self.value_gate = nn.Linear(min(d, config.value_gate_channels), self.n_kv_heads, bias=False)
+        self.scale = config.qk_scale ** 2 / hd ** 0.5 if config.qk_scale != 1.0 else None  # None: SDPA's own
 
     def forward(self, x, rope, mask, value_extra=None):
         b, t, _ = x.shape
@@ -63,6 +74,9 @@ class BlueberryAttention(nn.Module):
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x)
         if value_extra is not None:
+            if self.value_gate is not None:  # per KV head, 3 sigmoid(...): from 0 to 3 times the table's row
+                gate = 3 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))
+                value_extra = (value_extra.view(b, t, self.n_kv_heads, -1) * gate[..., None]).flatten(2)
             v = v + value_extra
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -70,9 +84,9 @@ class BlueberryAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # QK-norm under autocast leaves them fp32
         gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **gqa)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
@@ -98,7 +112,7 @@ class BlueberryBlock(nn.Module):
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
         self.norm1 = BlueberryRMSNorm(d, eps=eps)
-        self.attn = BlueberryAttention(config)
+        self.attn = BlueberryAttention(config, layer)
         self.norm2 = BlueberryRMSNorm(d, eps=eps)
         self.post_norm1 = BlueberryRMSNorm(d, eps=eps) if config.sandwich_norm else nn.Identity()
         self.post_norm2 = BlueberryRMSNorm(d, eps=eps) if config.sandwich_norm else nn.Identity()
@@ -126,6 +140,8 @@ class BlueberryPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BlueberryModel) and module.config.residual_scalars:
             nn.init.ones_(module.resid_scale)
             nn.init.zeros_(module.x0_scale)
+        if isinstance(module, BlueberryModel) and module.config.smear:
+            nn.init.zeros_(module.smear_lambda)
 
 
 class BlueberryModel(BlueberryPreTrainedModel):
@@ -141,6 +157,9 @@ class BlueberryModel(BlueberryPreTrainedModel):
         if c.residual_scalars:
             self.resid_scale = nn.Parameter(torch.ones(c.num_hidden_layers))
             self.x0_scale = nn.Parameter(torch.zeros(c.num_hidden_layers))
+        if c.smear:
+            self.smear_gate = nn.Linear(min(c.hidden_size, c.smear_channels), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.norm = BlueberryRMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self._rope = {}  # (device, length) -> tables; not buffers, so meta-device loading never touches them
         self.post_init()
@@ -153,10 +172,18 @@ class BlueberryModel(BlueberryPreTrainedModel):
 
     def value_table(self, layer):
         """The value-embedding table of a layer: the first N layers and again the last N, or None."""
-        n, last = self.config.value_embeds, self.config.num_hidden_layers - self.config.value_embeds
-        if layer < n:
-            return layer
-        return layer - last if n and layer >= last else None
+        if not has_value_table(self.config, layer):
+            return None
+        return layer if layer < self.config.value_embeds else layer - (self.config.num_hidden_layers - self.config.value_embeds)
+
+    def smear(self, x, real):
+        """Each position plus its predecessor times lambda * sigmoid(a gate on its first channels); the
+        first token of a row, and one after padding (real [B, T] bool, or None), adds nothing."""
+        cur, prev = x[:, 1:], x[:, :-1]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(cur[..., :self.smear_gate.in_features]))
+        if real is not None:
+            gate = gate * real[:, :-1, None].to(gate.dtype)
+        return torch.cat([x[:, :1], cur + gate * prev], 1)
 
     def rope(self, positions, t, device):
         """Tables [t, D/2] for positions 0..t-1, or [B, t, D/2] for position_ids [B, t]."""
@@ -171,7 +198,7 @@ class BlueberryModel(BlueberryPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         b, t = input_ids.shape
         device = input_ids.device
-        mask = None
+        mask = real = None
         if attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.bool()
             if position_ids is None:  # positions count real tokens: left padding shifts nothing
@@ -181,8 +208,12 @@ class BlueberryModel(BlueberryPreTrainedModel):
             mask = (mask | torch.eye(t, dtype=torch.bool, device=device))[:, None]  # a padding query sees itself: no NaN
         rope = self.rope(position_ids, t, device)
         x = self.tok_emb(input_ids)
+        if self.config.embed_norm:
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.config.rms_norm_eps)
         if self.config.embed_scale:
             x = x * self.config.hidden_size ** 0.5
+        if self.config.smear:
+            x = self.smear(x, real)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.residual_scalars:
