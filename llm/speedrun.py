@@ -349,17 +349,18 @@ def extension_plan(name: str, record: dict, root: Path) -> dict:
             "seed0": max(r["seed"] for r in record["runs"]) + 1}
 
 
-def check_same_setup(record: dict, run: dict, name: str) -> None:
-    """A new run of an extension trained what the record's runs did: its resolved config equal but
-    for the seed, on the same data, on the same hardware."""
+def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -> None:
+    """A new run of an extension (or a record to merge) trained what the record's runs did: its
+    resolved config equal but for the seed, on the same data, on the same hardware."""
     old, new = flatten(record.get("config") or {}), flatten(run["config"] or {})
     if differ := [k for k in sorted(set(old) | set(new)) if k != "train.seed" and old.get(k) != new.get(k)]:
-        raise UserError(f"cannot extend {name}: the new run's {differ[0]} is {_shown(new.get(differ[0]))}, the record's "
+        whose = "the new run's" if verb == "extend" else "its"
+        raise UserError(f"cannot {verb} {name}: {whose} {differ[0]} is {_shown(new.get(differ[0]))}, the record's "
                         f"{_shown(old.get(differ[0]))}")
     if (record.get("data") or {}).get("sha256") != (run.get("data") or {}).get("sha256"):
-        raise UserError(f"cannot extend {name}: the new run read data of another content than the record's runs")
+        raise UserError(f"cannot {verb} {name}: the new run read data of another content than the record's runs")
     if hardware_string(record.get("hardware")) != hardware_string(run.get("hardware")):
-        raise UserError(f"cannot extend {name}: its runs ran on {hardware_string(record.get('hardware'))}, this one on "
+        raise UserError(f"cannot {verb} {name}: its runs ran on {hardware_string(record.get('hardware'))}, this one on "
                         f"{hardware_string(run.get('hardware'))}")
 
 
@@ -368,6 +369,47 @@ def merged_record(old: dict, new: dict, old_name: str) -> dict:
     names the record it supersedes (the leaderboard then shows only the merged one)."""
     runs, curves = [*old["runs"], *new["runs"]], [*old.get("curves", []), *new["curves"]]
     return {**new, "runs": runs, "curves": curves, "summary": summarise(runs), "extends": Path(old_name).name}
+
+
+def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
+    """One record holding the seeds of several records of one setup (seeds run at different times, or
+    by a trainer without --extend, such as benchmarks/nanochat_recipe.py): the same preset, budget,
+    label, resolved config but for the seed, data and hardware, distinct seeds, and clean commits
+    with the same training code (a benchmark script under benchmarks/ counts as training code).
+    `merges` names them: the leaderboard shows the merged record in their place."""
+    if len(named) < 2:
+        raise UserError("--merge needs two or more records")
+    (first_name, first), rest = named[0], named[1:]
+    seen = {r["seed"]: first_name for r in first["runs"]}
+    for name, rec in named:
+        if rec.get("git_commit") is None or rec.get("git_dirty") is not False:
+            raise UserError(f"cannot merge {name}: it does not say which clean commit trained it")
+    for name, rec in rest:
+        for key in ("preset", "budget", "label"):
+            if rec[key] != first[key]:
+                raise UserError(f"cannot merge {name} with {first_name}: its {key} is {_shown(rec[key])}, "
+                                f"the other's {_shown(first[key])}")
+        check_same_setup(first, rec, name, "merge")
+        if rec["git_commit"] != first["git_commit"]:
+            out = subprocess.run(["git", "diff", "--name-only", "--no-renames", first["git_commit"], rec["git_commit"]],
+                                 cwd=root, capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise UserError(f"cannot merge {name}: the commits {first['git_commit'][:12]} and {rec['git_commit'][:12]} "
+                                "are not both in this checkout (git fetch them)")
+            if changed := [f for f in out.stdout.splitlines() if affects_training(f) or
+                           (f.startswith("benchmarks/") and f.endswith(".py"))]:
+                raise UserError(f"cannot merge {name} with {first_name}: {changed[0]} differs between their commits, "
+                                "and the seeds of one record come from one training code")
+        for r in rec["runs"]:
+            if r["seed"] in seen:
+                raise UserError(f"cannot merge {name}: seed {r['seed']} is in {seen[r['seed']]} too")
+            seen[r["seed"]] = name
+    runs = sorted((r for _, rec in named for r in rec["runs"]), key=lambda r: r["seed"])
+    curves = [c for _, rec in named for c in rec.get("curves", [])]
+    merged = {k: v for k, v in first.items() if k not in ("comparison", "extends")}
+    # the records an input extended are superseded too: the leaderboard hides everything merged here
+    names = [Path(n).name for n, _ in named] + [rec["extends"] for _, rec in named if rec.get("extends")]
+    return {**merged, "runs": runs, "curves": curves, "summary": summarise(runs), "merges": names}
 
 
 def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
@@ -424,6 +466,7 @@ _FIELDS = {
     "runs": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
     "data": (lambda v: v is None or isinstance(v, dict), "a table or null"),
     "extends": (lambda v: isinstance(v, str) and v != "", "a record's file name"),
+    "merges": (lambda v: isinstance(v, list) and all(isinstance(n, str) and n for n in v), "a list of record file names"),
 }
 REQUIRED = ("label", "preset", "budget", "runs")
 
@@ -583,7 +626,9 @@ def leaderboard(records_dir: Path) -> str:
     records' contents, so regenerating without new records gives the same bytes."""
     groups: dict[tuple[int, str], list[tuple[dict, str]]] = {}
     records, left_out = read_records(records_dir)
-    superseded = {rec["extends"] for rec, _ in records if rec.get("extends")}  # their runs are in the extension
+    # their runs are in the extension or the merge
+    superseded = {rec["extends"] for rec, _ in records if rec.get("extends")}
+    superseded |= {n for rec, _ in records for n in rec.get("merges", [])}
     for rec, name in records:
         if name not in superseded:
             groups.setdefault(_group_key(rec), []).append((rec, name))
@@ -593,7 +638,7 @@ def leaderboard(records_dir: Path) -> str:
            "Each row is one record: n runs with different seeds; mean ± sample standard deviation of the final "
            "validation loss and of the training time (compile warm-up and evaluation excluded). A table ranks the "
            "records of one budget on one data set, whatever their presets; a record extended with more seeds "
-           "(`--extend`) is shown by its extension. A change counts as better than its "
+           "(`--extend`) is shown by its extension, records merged into one (`--merge`) by the merge. A change counts as better than its "
            f"baseline when Welch's one-sided t-test gives p < {ALPHA:g} (`scripts/speedrun.py --compare`).", ""]
     if not groups:
         out += ["No records yet.", ""]

@@ -7,6 +7,7 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
         --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
     python scripts/speedrun.py --extend NEW.json --runs 2 --compare BASE.json  # 2 more seeds of NEW, tested again
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
+    python scripts/speedrun.py --merge NEW.json NEW-seeds34.json --compare BASE.json  # one record of both's seeds
     python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
 
 5-dollar-llm's benchmark: their recipe, then Blueberry's on the same data, tested against it:
@@ -27,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from llm.speedrun import (build_record, check_comparable, check_label, check_same_setup, compare, comparison_lines,
-                          derive_label, extension_plan, format_budget, git_state, load_record, merged_record,
+                          derive_label, extension_plan, format_budget, git_state, load_record, merge_records, merged_record,
                           parse_budget, planned_data, read_records, read_run, require_runs, resolve_preset,
                           summary_lines, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records
@@ -135,6 +136,23 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
     print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
 
 
+def merge(args: argparse.Namespace) -> None:
+    record = merge_records([(name, load_record(name)) for name in args.merge], ROOT)
+    created = datetime.now().astimezone()
+    record["created"] = created.isoformat(timespec="seconds")
+    print("\n".join(summary_lines(record)))
+    baseline = load_record(args.compare) if args.compare else None
+    if baseline is not None:
+        record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
+        print("\n" + "\n".join(comparison_lines(record["comparison"])))
+    records = Path(args.records_dir)
+    check_writable(records, "records folder")
+    path = write_record(record, records, created)
+    sides = [(args.compare, baseline)] if baseline is not None else []
+    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
+    print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, 5dollar-88m, ...) or a .toml path")
@@ -151,6 +169,8 @@ def main() -> None:
                    "and data; from a clean checkout whose training code is its commit's): the new record holds all "
                    "of its runs")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
+    p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
+                   "one training code, distinct seeds), train nothing; with --compare, test it")
     p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
@@ -159,7 +179,7 @@ def main() -> None:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
     training = [f for f in ("preset", "budget", "data_from") if getattr(args, f)] + (["overrides"] if args.overrides else [])
     if args.leaderboard:
-        if training or args.compare or args.candidate or args.extend:
+        if training or args.compare or args.candidate or args.extend or args.merge:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
         records = Path(args.records_dir)
         check_writable(records, "records folder")
@@ -167,6 +187,11 @@ def main() -> None:
             if not (png := (records / name).with_suffix(".png")).is_file():
                 print(f"drew {plot_records([(name, rec)], png)}")
         print(f"wrote {write_leaderboard(records)}")
+    elif args.merge:
+        if training or args.candidate or args.extend or args.label or args.seed0 is not None:
+            raise UserError("--merge writes one record of existing records and trains nothing: give it only the records "
+                            "(and --compare, --records_dir)")
+        merge(args)
     elif args.candidate:
         if not args.compare:
             raise UserError("--candidate needs --compare BASELINE")

@@ -1,4 +1,5 @@
-"""`scripts/speedrun.py --extend`: more seeds of a record, from its commit, in one record with its runs."""
+"""`scripts/speedrun.py --extend`: more seeds of a record, from its commit, in one record with its runs;
+`--merge`: one record of the seeds of several records of one setup."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_LLM
-from llm.speedrun import (SCHEMA, check_same_setup, extension_plan, git_state, leaderboard, merged_record,
+from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
+from llm.speedrun import (SCHEMA, check_same_setup, extension_plan, git_state, leaderboard, merge_records, merged_record,
                           summarise)
 from shared.errors import UserError
 
@@ -40,8 +41,10 @@ def clean_copy(dest: Path) -> Path:
     return dest
 
 
-def record(label: str, losses: list[float], commit: str | None, dirty: bool | None = False, **extra) -> dict:
-    runs = [{"seed": i, "loss": x, "accuracy": 0.5, "perplexity": 20.0, "train_time_s": 1.0} for i, x in enumerate(losses)]
+def record(label: str, losses: list[float], commit: str | None, dirty: bool | None = False, seed0: int = 0,
+           **extra) -> dict:
+    runs = [{"seed": seed0 + i, "loss": x, "accuracy": 0.5, "perplexity": 20.0, "train_time_s": 1.0}
+            for i, x in enumerate(losses)]
     return {"schema": SCHEMA, "label": label, "preset": "debug", "budget": 2048, "overrides": [], "git_commit": commit,
             "git_dirty": dirty, "hardware": HW, "runs": runs, "curves": [{"seed": r["seed"]} for r in runs],
             "summary": summarise(runs), "config": {"train": {"seed": 0, "budget": 2048}, "data": {"seq_len": 32}},
@@ -97,6 +100,65 @@ def test_the_merged_record_holds_every_run_and_supersedes_the_old_one_on_the_lea
     (tmp_path / "debug-2048-x-2.json").write_text(json.dumps(merged))
     board = leaderboard(tmp_path)
     assert "debug-2048-x-2.json" in board and "debug-2048-x-1.json](" not in board
+
+
+def test_merge_groups_the_seeds_of_records_of_one_setup_and_training_code(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    commit, _ = git_state(repo)
+    a, b = record("nc", [3.0, 3.2], commit, extends="a0.json"), record("nc", [3.4], commit, seed0=3)
+    merged = merge_records([("r/a.json", a), ("r/b.json", b)], repo)
+    assert [r["seed"] for r in merged["runs"]] == [0, 1, 3] and merged["merges"] == ["a.json", "b.json", "a0.json"]
+    assert "extends" not in merged
+    assert merged["summary"]["loss"]["mean"] == pytest.approx(3.2) and len(merged["curves"]) == 3
+    (repo / "llm" / "speedrun.py").write_text("# the harness changes\n")
+    git(repo, "commit", "-qam", "harness")
+    later = git_state(repo)[0]
+    assert len(merge_records([("a.json", a), ("b.json", record("nc", [3.4], later, seed0=3))], repo)["runs"]) == 3
+    for path in ("llm/model.py", "benchmarks/nanochat_recipe.py"):  # a benchmark's own trainer is training code too
+        (repo / path).parent.mkdir(exist_ok=True)
+        (repo / path).write_text("# edited\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", path)
+        with pytest.raises(UserError, match=f"{path} differs between their commits"):
+            merge_records([("a.json", a), ("b.json", record("nc", [3.4], git_state(repo)[0], seed0=3))], repo)
+    other = record("nc", [3.4], commit, seed0=3)
+    other["config"] = {"train": {"seed": 3}, "data": {"seq_len": 64}}
+    for rec, words in ((record("nc", [3.4], commit, seed0=1), "seed 1 is in a.json too"),
+                       (record("other", [3.4], commit, seed0=3), 'its label is "other", the other.s "nc"'),
+                       (record("nc", [3.4], commit, dirty=True, seed0=3), "clean commit"),
+                       (other, "its data.seq_len is 64, the record's 32")):
+        with pytest.raises(UserError, match=words):
+            merge_records([("a.json", a), ("b.json", rec)], repo)
+    with pytest.raises(UserError, match="two or more"):
+        merge_records([("a.json", a)], repo)
+    merged = merge_records([("debug-2048-nc-1.json", a), ("debug-2048-nc-2.json", b)], repo)
+    for name, rec in (("debug-2048-nc-1.json", a), ("debug-2048-nc-2.json", b), ("debug-2048-nc-3.json", merged)):
+        (tmp_path / name).write_text(json.dumps(rec))
+    board = leaderboard(tmp_path)
+    assert "debug-2048-nc-3.json](" in board and "debug-2048-nc-1.json](" not in board and "nc-2.json](" not in board
+
+
+def test_merge_from_the_command_line_writes_one_record_and_tests_it(tmp_path):
+    commit, dirty = git_state(ROOT)
+    if commit is None:
+        pytest.skip("not a git checkout")
+    files = {}
+    for name, rec in (("base", record("base", [3.5, 3.6, 3.55], commit)), ("a", record("nc", [3.0, 3.1], commit)),
+                      ("b", record("nc", [3.05], commit, seed0=2))):
+        files[name] = tmp_path / f"debug-2048-{name}.json"
+        files[name].write_text(json.dumps(rec))
+    out = tmp_path / "records"
+    proc = run_script("speedrun.py", "--merge", str(files["a"]), str(files["b"]), "--compare", str(files["base"]),
+                      "--records_dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (merged,) = out.glob("debug-2048-nc-*.json")
+    rec = json.loads(merged.read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0, 1, 2] and rec["comparison"]["loss"]["n_new"] == 3
+    assert "loss: better at p < 0.01" in proc.stdout and (out / "LEADERBOARD.md").is_file()
+    refused = run_script("speedrun.py", "--merge", str(files["a"]), str(files["a"]), "--records_dir", str(out), cwd=tmp_path)
+    assert_one_line_error(refused, "seed 0 is in", "debug-2048-a.json too")
+    refused = run_script("speedrun.py", "--merge", str(files["a"]), str(files["b"]), "--preset", "debug", cwd=tmp_path)
+    assert_one_line_error(refused, "trains nothing")
 
 
 @pytest.mark.slow
