@@ -89,7 +89,9 @@ def test_cpu_16m_names_its_data_by_environment(monkeypatch):
     assert cfg.data.source == "/data/here/text" and cfg.data.tokenizer == "/data/here/tokenizers/gpt2"
     with torch.device("meta"):
         model = Decoder(cfg.model, cfg.data.seq_len)
-    assert round(count_params(model) / 1e6) == 16 and cfg.train.budget // (16 * 256) == 244
+    # the recipe of benchmarks/results/llm_recipe.md: untied embedding and head, one value table
+    assert round(count_params(model) / 1e6) == 35 and cfg.train.budget // (16 * 256) == 244
+    assert not cfg.model.tie_embeddings and cfg.model.value_embeds == 1 and cfg.optim.muon_beta2 == 0.9
     monkeypatch.delenv("BLUEBERRY_DATA_DIR")
     with pytest.raises(ConfigError, match=r"data.source = '\$\{BLUEBERRY_DATA_DIR\}/text' needs the environment "
                                           "variable BLUEBERRY_DATA_DIR, which is not set"):
