@@ -317,14 +317,18 @@ def affects_training(path: str) -> bool:
         path in ("scripts/train_llm.py", "pyproject.toml")
 
 
-def training_code_changes(root: Path, old: str, new: str) -> list[str] | None:
-    """The files that can change training between two commits (None: the old one is not in this checkout)."""
+def training_code_changes(root: Path, old: str, new: str, benchmarks: bool = False) -> list[str] | None:
+    """The files that can change training between two commits (None: the old one is not in this checkout);
+    `benchmarks`: a script under benchmarks/ too (a benchmark's own trainer, such as nanochat_recipe.py)."""
     try:
         out = subprocess.run(["git", "diff", "--name-only", "--no-renames", old, new], cwd=root, capture_output=True, text=True,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return [f for f in out.stdout.splitlines() if affects_training(f)] if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return [f for f in out.stdout.splitlines()
+            if affects_training(f) or (benchmarks and f.startswith("benchmarks/") and f.endswith(".py"))]
 
 
 def extension_plan(name: str, record: dict, root: Path) -> dict:
@@ -391,13 +395,11 @@ def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
                                 f"the other's {_shown(first[key])}")
         check_same_setup(first, rec, name, "merge")
         if rec["git_commit"] != first["git_commit"]:
-            out = subprocess.run(["git", "diff", "--name-only", "--no-renames", first["git_commit"], rec["git_commit"]],
-                                 cwd=root, capture_output=True, text=True, timeout=30)
-            if out.returncode != 0:
+            changed = training_code_changes(root, first["git_commit"], rec["git_commit"], benchmarks=True)
+            if changed is None:
                 raise UserError(f"cannot merge {name}: the commits {first['git_commit'][:12]} and {rec['git_commit'][:12]} "
                                 "are not both in this checkout (git fetch them)")
-            if changed := [f for f in out.stdout.splitlines() if affects_training(f) or
-                           (f.startswith("benchmarks/") and f.endswith(".py"))]:
+            if changed:
                 raise UserError(f"cannot merge {name} with {first_name}: {changed[0]} differs between their commits, "
                                 "and the seeds of one record come from one training code")
         for r in rec["runs"]:

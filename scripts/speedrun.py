@@ -126,6 +126,11 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
     if extending is not None:
         record = merged_record(extending[1], record, extending[0])
     print(f"\n{preset} at {budget:,} tokens, {label}:")
+    publish(record, args, baseline, records, created)
+
+
+def publish(record: dict, args: argparse.Namespace, baseline: dict | None, records: Path, created: datetime) -> None:
+    """Print a record's figures (and its test against the baseline), write it, its picture and the leaderboard."""
     print("\n".join(summary_lines(record)))
     if baseline is not None:
         record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
@@ -140,17 +145,9 @@ def merge(args: argparse.Namespace) -> None:
     record = merge_records([(name, load_record(name)) for name in args.merge], ROOT)
     created = datetime.now().astimezone()
     record["created"] = created.isoformat(timespec="seconds")
-    print("\n".join(summary_lines(record)))
-    baseline = load_record(args.compare) if args.compare else None
-    if baseline is not None:
-        record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
-        print("\n" + "\n".join(comparison_lines(record["comparison"])))
     records = Path(args.records_dir)
     check_writable(records, "records folder")
-    path = write_record(record, records, created)
-    sides = [(args.compare, baseline)] if baseline is not None else []
-    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
-    print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
+    publish(record, args, load_record(args.compare) if args.compare else None, records, created)
 
 
 def main() -> None:
