@@ -180,13 +180,16 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # x [B, T, D]
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v(x)  # [B, T, Hkv * hd]
+        # the values and their extra added as [B, T, Hkv, hd]: gating a flat [B, T, Hkv * hd] extra through
+        # a view made torch 2.11's CPU inductor fail ("unexpected group")
+        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, hd]
         if value_extra is not None:
+            value_extra = value_extra.view(b, t, self.n_kv_heads, self.head_dim)
             if self.value_gate is not None:
                 gate = 3 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # [B, T, Hkv]
-                value_extra = (value_extra.view(b, t, self.n_kv_heads, -1) * gate[..., None]).flatten(2)
+                value_extra = value_extra * gate[..., None]
             v = v + value_extra
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

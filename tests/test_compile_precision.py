@@ -38,15 +38,8 @@ def losses(trainer, steps: int = STEPS) -> list[float]:
     return [trainer.train_step()[0].item() for _ in range(steps)]
 
 
-# torch 2.11's inductor (the GPU machine's release) fails to compile the nanochat options' training step
-# on the CPU ("unexpected group" in its scheduler; 2.14 compiles it): strict, so a fix shows
-OLD_INDUCTOR = pytest.mark.xfail(torch.__version__.startswith("2.11."), strict=True,
-                                 reason="torch 2.11 inductor: unexpected group compiling the nanochat options")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llm", pytest.param("llm-nanochat", marks=OLD_INDUCTOR), "llm-moe", "flow_matching",
-                                  "vqvae", "multimodal"])
+@pytest.mark.parametrize("name", ["llm", "llm-nanochat", "llm-moe", "flow_matching", "vqvae", "multimodal"])
 def test_compiled_training_matches_eager_and_compiles_once(tmp_path, name):
     import torch._dynamo
     import torch._inductor.config
