@@ -94,8 +94,6 @@ class DecoderConfig:
             raise ConfigError(f"model.qk_scale must be positive and finite, got {self.qk_scale}")
         if self.value_gate and not self.value_embeds:
             raise ConfigError("model.value_gate gates value embeddings: set model.value_embeds too")
-        if self.init == "nanochat" and self.moe is not None:
-            raise ConfigError("model.init = \"nanochat\" is defined for dense MLPs; it does not apply with [model.moe]")
         if self.residual_init != "identity" and not self.residual_scalars:
             raise ConfigError("model.residual_init starts the residual scalars: set model.residual_scalars = true too")
         if self.depth_init and self.zero_init_out:
@@ -164,9 +162,14 @@ class Decoder(ModelHooks, nn.Module):
         for block in self.blocks:
             for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):
                 nn.init.uniform_(w, -bound, bound)
-            for name in ("up", "gate"):
-                if isinstance(layer := getattr(block.mlp, name, None), nn.Linear):
-                    nn.init.uniform_(layer.weight, -0.4 * bound, 0.4 * bound)
+            # a dense MLP's input matrices; a mixture's: its experts' (stacked) and its shared experts'
+            mlps = [block.mlp] + ([block.mlp.shared] if isinstance(block.mlp, MoE) and block.mlp.shared else [])
+            for mlp in mlps:
+                for name in ("up", "gate"):
+                    w = getattr(mlp, name, None)
+                    w = w.weight if isinstance(w, nn.Linear) else w
+                    if isinstance(w, torch.Tensor):
+                        nn.init.uniform_(w, -0.4 * bound, 0.4 * bound)
         for table in self.value_embeds:
             nn.init.uniform_(table.weight, -bound, bound)
         if not self.cfg.tie_embeddings:  # an untied embedding N(0, 0.8) (nanochat normalises it on the way in)

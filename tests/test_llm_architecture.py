@@ -160,5 +160,8 @@ def test_nanochat_inits_are_uniform_at_its_scales_and_start_the_scalars_where_it
     assert torch.allclose(s.x0_scale, torch.tensor([0.20, 0.15, 0.10, 0.05]))
     with pytest.raises(ConfigError, match="residual_scalars"):
         DecoderConfig(**BASE, residual_init="nanochat")
-    with pytest.raises(ConfigError, match="dense"):
-        DecoderConfig(**BASE, init="nanochat", moe=MoEConfig(experts=4, top_k=2, hidden=32))
+    # a mixture: its experts' input matrices (stacked) and its shared expert's, as a dense MLP's
+    moe = Decoder(DecoderConfig(**wide, init="nanochat", moe=MoEConfig(experts=4, top_k=2, hidden=256,
+                                                                       shared_experts=1)), 24)
+    for w in (moe.blocks[2].mlp.up, moe.blocks[2].mlp.shared.up.weight):
+        assert w.abs().max() <= 0.4 * bound and w.std().item() == pytest.approx(0.4 / 16, rel=0.05)
