@@ -414,10 +414,19 @@ def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
     return {**merged, "runs": runs, "curves": curves, "summary": summarise(runs), "merges": names}
 
 
-def write_record(record: dict, records_dir: Path, created: datetime) -> Path:
-    """records_dir/<preset>-<budget>-<label>-<YYYYmmdd-HHMMSS>.json, never overwriting one."""
+def write_record(record: dict, records_dir: Path, created: datetime, replace: Path | None = None) -> Path:
+    """records_dir/<preset>-<budget>-<label>-<YYYYmmdd-HHMMSS>.json, never overwriting one; `replace`:
+    the path this speedrun wrote before (its seeds so far), rewritten whole (a stop never leaves half a file)."""
     if problem := record_problem(record):  # never write a record that would not be read back
         raise UserError(f"the record is not valid: {problem}")
+    if replace is not None:
+        tmp = replace.with_name(replace.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, replace)
+        except OSError as e:
+            raise UserError(f"cannot write {replace}: {e.strerror or e}") from None
+        return replace
     stem = f"{record['preset']}-{format_budget(record['budget'])}-{record['label']}-{created:%Y%m%d-%H%M%S}"
     for i in range(1, 100):
         path = records_dir / (stem + (f"-{i}" if i > 1 else "") + ".json")

@@ -109,7 +109,13 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
           f"label {label}, {args.runs} runs, "
           f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}"
           + (f", extending {Path(extending[0]).name}" if extending else ""), flush=True)
-    results = []
+    def record_of(results: list[dict]) -> dict:
+        record = build_record(label=label, preset=preset, budget=budget, overrides=args.overrides, runs=results,
+                              commit=commit, dirty=dirty, created=created,
+                              data_from=data_from.stem if data_from else None)
+        return merged_record(extending[1], record, extending[0]) if extending is not None else record
+
+    results, path = [], None
     for k in range(args.runs):
         seed = args.seed0 + k
         print(f"run {k + 1}/{args.runs}: seed {seed} -> {group / f'seed{seed}'}", flush=True)
@@ -120,22 +126,24 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
         results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
         if extending is not None:  # the same setup as the record's runs, or stop before training more
             check_same_setup(extending[1], results[-1], extending[0])
+        if k < args.runs - 1:  # a stop from here on keeps the seeds trained so far, as a record --extend continues
+            path = write_record(record_of(results), records, created, replace=path)
+            write_leaderboard(records)
+            print(f"record so far ({k + 1} of {args.runs} runs): {path}", flush=True)
 
-    record = build_record(label=label, preset=preset, budget=budget, overrides=args.overrides, runs=results,
-                          commit=commit, dirty=dirty, created=created, data_from=data_from.stem if data_from else None)
-    if extending is not None:
-        record = merged_record(extending[1], record, extending[0])
     print(f"\n{preset} at {budget:,} tokens, {label}:")
-    publish(record, args, baseline, records, created)
+    publish(record_of(results), args, baseline, records, created, replace=path)
 
 
-def publish(record: dict, args: argparse.Namespace, baseline: dict | None, records: Path, created: datetime) -> None:
-    """Print a record's figures (and its test against the baseline), write it, its picture and the leaderboard."""
+def publish(record: dict, args: argparse.Namespace, baseline: dict | None, records: Path, created: datetime,
+            replace: Path | None = None) -> None:
+    """Print a record's figures (and its test against the baseline), write it (over `replace`, the same
+    speedrun's record so far), its picture and the leaderboard."""
     print("\n".join(summary_lines(record)))
     if baseline is not None:
         record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
         print("\n" + "\n".join(comparison_lines(record["comparison"])))
-    path = write_record(record, records, created)
+    path = write_record(record, records, created, replace)
     sides = [(args.compare, baseline)] if baseline is not None else []
     png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
     print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")

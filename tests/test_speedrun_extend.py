@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,30 @@ def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
                         (["--extend", str(first), "--runs", "1"], f"{merged.name} extends it already")):
         refused = speedrun(*args)
         assert refused.returncode != 0 and words in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_stopped_speedrun_keeps_its_finished_seeds_as_a_record_to_extend(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    records, runs = tmp_path / "records", tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(repo / "scripts" / "speedrun.py"), "--records_dir", str(records), "--runs_dir", str(runs)]
+    proc = subprocess.Popen([*cmd, "--preset", "debug", "--budget", "2048", "--runs", "3", *TINY_LLM, "--label", "cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:  # stopped (the harness and its training run) as soon as one seed is recorded
+        seen.append(line)
+        if line.startswith("record so far (1 of 3 runs)"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert any("record so far" in s for s in seen), "".join(seen)
+    (kept,) = records.glob("debug-2048-cut-*")  # one whole record file, no temporary one
+    rec = json.loads(kept.read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0] and f"[{kept.name}]" in (records / "LEADERBOARD.md").read_text()
+    more = subprocess.run([*cmd, "--extend", str(kept), "--runs", "1"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    (extended,) = set(records.glob("debug-2048-cut-*.json")) - {kept}
+    assert [r["seed"] for r in json.loads(extended.read_text())["runs"]] == [0, 1]
