@@ -163,12 +163,11 @@ class Decoder(ModelHooks, nn.Module):
             for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):
                 nn.init.uniform_(w, -bound, bound)
             # a dense MLP's input matrices; a mixture's: its experts' (stacked) and its shared experts'
-            mlps = [block.mlp] + ([block.mlp.shared] if isinstance(block.mlp, MoE) and block.mlp.shared else [])
-            for mlp in mlps:
+            for mlp in (block.mlp, getattr(block.mlp, "shared", None)):
                 for name in ("up", "gate"):
                     w = getattr(mlp, name, None)
                     w = w.weight if isinstance(w, nn.Linear) else w
-                    if isinstance(w, torch.Tensor):
+                    if w is not None:
                         nn.init.uniform_(w, -0.4 * bound, 0.4 * bound)
         for table in self.value_embeds:
             nn.init.uniform_(table.weight, -bound, bound)

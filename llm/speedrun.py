@@ -27,6 +27,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
 
+from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, load_toml, renamed
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
@@ -419,20 +420,16 @@ def write_record(record: dict, records_dir: Path, created: datetime, replace: Pa
     the path this speedrun wrote before (its seeds so far), rewritten whole (a stop never leaves half a file)."""
     if problem := record_problem(record):  # never write a record that would not be read back
         raise UserError(f"the record is not valid: {problem}")
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
     if replace is not None:
-        tmp = replace.with_name(replace.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, replace)
-        except OSError as e:
-            raise UserError(f"cannot write {replace}: {e.strerror or e}") from None
+        write_file_atomic(replace, lambda p: p.write_text(text), "the record")
         return replace
     stem = f"{record['preset']}-{format_budget(record['budget'])}-{record['label']}-{created:%Y%m%d-%H%M%S}"
     for i in range(1, 100):
         path = records_dir / (stem + (f"-{i}" if i > 1 else "") + ".json")
         try:
             with open(path, "x") as f:
-                f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+                f.write(text)
             return path
         except FileExistsError:
             continue
