@@ -119,12 +119,33 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
     return commit.strip(), bool(status.strip())
 
 
+# What names a machine. The CPU's model and vector ISA joined the records on 2026-12-03; older
+# records hold neither, and a field one side lacks is not a difference (it is unknown).
+HARDWARE_KEYS = ("device", "gpu", "cpu", "cpu_model", "cpu_isa", "cpu_threads")
+
+
 def hardware_string(hw: dict | None) -> str:
     if not hw:
         return "unknown"
     if hw.get("gpu"):
         return str(hw["gpu"])
-    return f"{hw.get('device', 'cpu')} {hw.get('cpu', '')} ({hw.get('cpu_threads', '?')} threads)".replace("  ", " ")
+    isa = f" {hw['cpu_isa']}" if hw.get("cpu_isa") else ""
+    return (f"{hw.get('device', 'cpu')} {hw.get('cpu_model') or hw.get('cpu', '')}{isa} "
+            f"({hw.get('cpu_threads', '?')} threads)").replace("  ", " ")
+
+
+def hardware_differs(a: dict | None, b: dict | None) -> str | None:
+    """The first machine field two hardware tables both state and disagree on, or None."""
+    a, b = a or {}, b or {}
+    return next((k for k in HARDWARE_KEYS if k in a and k in b and a[k] != b[k]), None)
+
+
+def common_hardware(old: dict | None, new: dict | None) -> dict | None:
+    """A merged record's hardware: the new runs' table less the machine fields the old runs did not
+    record, so that seeds from an unnamed CPU are not labelled with the new one's name."""
+    if old is None or new is None:
+        return new
+    return {k: v for k, v in new.items() if k not in HARDWARE_KEYS or k in old}
 
 
 def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
@@ -364,16 +385,17 @@ def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -
                         f"{_shown(old.get(differ[0]))}")
     if (record.get("data") or {}).get("sha256") != (run.get("data") or {}).get("sha256"):
         raise UserError(f"cannot {verb} {name}: the new run read data of another content than the record's runs")
-    if hardware_string(record.get("hardware")) != hardware_string(run.get("hardware")):
+    if (field := hardware_differs(record.get("hardware"), run.get("hardware"))) is not None:
         raise UserError(f"cannot {verb} {name}: its runs ran on {hardware_string(record.get('hardware'))}, this one on "
-                        f"{hardware_string(run.get('hardware'))}")
+                        f"{hardware_string(run.get('hardware'))} (hardware.{field} differs)")
 
 
 def merged_record(old: dict, new: dict, old_name: str) -> dict:
     """The record of an extension: the old record's runs and curves, then the new ones; `extends`
     names the record it supersedes (the leaderboard then shows only the merged one)."""
     runs, curves = [*old["runs"], *new["runs"]], [*old.get("curves", []), *new["curves"]]
-    return {**new, "runs": runs, "curves": curves, "summary": summarise(runs), "extends": Path(old_name).name}
+    return {**new, "runs": runs, "curves": curves, "summary": summarise(runs), "extends": Path(old_name).name,
+            "hardware": common_hardware(old.get("hardware"), new.get("hardware"))}
 
 
 def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
@@ -412,7 +434,10 @@ def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
     merged = {k: v for k, v in first.items() if k not in ("comparison", "extends")}
     # the records an input extended are superseded too: the leaderboard hides everything merged here
     names = [Path(n).name for n, _ in named] + [rec["extends"] for _, rec in named if rec.get("extends")]
-    return {**merged, "runs": runs, "curves": curves, "summary": summarise(runs), "merges": names}
+    hardware = first.get("hardware")
+    for _, rec in rest:
+        hardware = common_hardware(rec.get("hardware"), hardware)
+    return {**merged, "runs": runs, "curves": curves, "summary": summarise(runs), "merges": names, "hardware": hardware}
 
 
 def write_record(record: dict, records_dir: Path, created: datetime, replace: Path | None = None) -> Path:
@@ -566,7 +591,7 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     require_runs(len(new["runs"]), "the candidate")
     out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
            "test": "Welch's t-test, one-sided (new < baseline)",
-           "alpha": ALPHA, "same_hardware": hardware_string(base.get("hardware")) == hardware_string(new.get("hardware"))}
+           "alpha": ALPHA, "same_hardware": hardware_differs(base.get("hardware"), new.get("hardware")) is None}
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
         out[name] = {**w.to_dict(), "better": w.p < ALPHA}

@@ -128,8 +128,22 @@ def enable_tf32(device: torch.device) -> bool:
     return True
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what platform knows: speeds of two runs
+    compare only on one CPU, and "x86_64" names none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
             "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
-from llm.speedrun import (SCHEMA, check_same_setup, extension_plan, git_state, leaderboard, merge_records, merged_record,
-                          summarise)
+from llm.speedrun import (SCHEMA, check_same_setup, compare, extension_plan, git_state, hardware_string, leaderboard,
+                          merge_records, merged_record, summarise)
 from shared.errors import UserError
+from shared.trainer import hardware_info
 
 HW = {"device": "cpu", "cpu": "x86_64", "cpu_threads": 1}
 
@@ -89,6 +91,22 @@ def test_new_runs_must_train_what_the_records_runs_did():
         check_same_setup(old, {**run, "data": {"sha256": "def"}}, "r.json")
     with pytest.raises(UserError, match="2 threads"):
         check_same_setup(old, {**run, "hardware": {**HW, "cpu_threads": 2}}, "r.json")
+
+
+def test_the_cpu_model_is_compared_where_both_records_name_it_and_an_unnamed_one_stays_unnamed():
+    run = {"config": {"train": {"seed": 5, "budget": 2048}, "data": {"seq_len": 32}}, "data": {"sha256": "abc"},
+           "hardware": {**HW, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": "AVX512"}}
+    old = record("x", [3.0, 3.1], "c")  # written before records named the CPU model
+    check_same_setup(old, run, "r.json")  # unknown is not a difference
+    named = {**old, "hardware": {**HW, "cpu_model": "AMD EPYC 7B13", "cpu_isa": "AVX2"}}
+    with pytest.raises(UserError, match=r"AMD EPYC 7B13 AVX2 \(1 threads\), this one on cpu Intel.*cpu_model differs"):
+        check_same_setup(named, run, "r.json")
+    new = {**record("x", [3.4, 3.5], "c", seed0=2), "hardware": run["hardware"]}
+    assert merged_record(old, new, "r.json")["hardware"] == HW  # seed 0's CPU is not relabelled
+    assert merged_record(new, {**new, "runs": []}, "r.json")["hardware"] == run["hardware"]
+    assert compare(old, new, "r.json")["same_hardware"] and not compare(named, new, "r.json")["same_hardware"]
+    here = hardware_info(torch.device("cpu"))
+    assert here["cpu_model"] and here["cpu_model"] in hardware_string(here)
 
 
 def test_the_merged_record_holds_every_run_and_supersedes_the_old_one_on_the_leaderboard(tmp_path):
