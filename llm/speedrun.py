@@ -20,12 +20,15 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import tomllib
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, load_toml, renamed
@@ -355,24 +358,44 @@ def training_code_changes(root: Path, old: str, new: str, benchmarks: bool = Fal
 
 def extension_plan(name: str, record: dict, root: Path) -> dict:
     """What `--extend` trains: the record's preset, budget, overrides, data and label, from the next
-    unused seed, on a clean tree whose training code is the record's commit's (seeds of one record
-    come from one training code; the harness may have changed since)."""
+    unused seed, with the training code of the record's commit (seeds of one record come from one
+    training code; the harness may have changed since). `elsewhere` says why this checkout cannot
+    train them (uncommitted changes, or training code changed since), None when it can: the seeds
+    are then trained in a worktree of the commit (`commit_worktree`)."""
     commit, dirty = git_state(root)
     old = record.get("git_commit")
     if old is None or record.get("git_dirty") is not False:
         raise UserError(f"cannot extend {name}: it does not say which clean commit trained it")
-    if dirty or commit is None:
-        raise UserError(f"cannot extend {name}: this checkout {'has uncommitted changes' if dirty else 'is not a git checkout'}"
-                        ", so what trains is not a commit; commit or stash them first")
+    if commit is None:
+        raise UserError(f"cannot extend {name}: this is not a git checkout, so the record's commit {old[:12]} is not here")
     changed = training_code_changes(root, old, commit) if commit != old else []
     if changed is None:
         raise UserError(f"cannot extend {name}: its commit {old[:12]} is not in this checkout (git fetch it)")
-    if changed:
-        raise UserError(f"cannot extend {name}: {changed[0]} changed since its commit {old[:12]}, and the seeds of one "
-                        "record come from one training code; train a new record instead")
+    elsewhere = (f"{changed[0]} changed since the record's commit" if changed else
+                 "this checkout has uncommitted changes" if dirty else None)
     return {"preset": record["preset"], "budget": record["budget"], "label": record["label"],
             "overrides": [_runnable(o, root) for o in record.get("overrides", [])], "data_from": record.get("data_from"),
-            "seed0": max(r["seed"] for r in record["runs"]) + 1}
+            "seed0": max(r["seed"] for r in record["runs"]) + 1, "commit": old, "elsewhere": elsewhere}
+
+
+@contextmanager
+def commit_worktree(root: Path, commit: str) -> Iterator[Path]:
+    """A detached git worktree of `commit` in a temporary folder, removed afterwards (a killed run
+    leaves an entry that `git worktree prune` clears): where an extension trains when this checkout's
+    training code is not the record's."""
+    parent = Path(tempfile.mkdtemp(prefix=f"blueberry-{commit[:12]}-"))
+    tree = parent / "code"
+    made = subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=root, capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        shutil.rmtree(parent, ignore_errors=True)
+        last = (made.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"cannot make a worktree of {commit[:12]} to train in: {last}")
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root, capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -> None:

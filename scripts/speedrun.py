@@ -27,10 +27,10 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from llm.speedrun import (build_record, check_comparable, check_label, check_same_setup, compare, comparison_lines,
-                          derive_label, extension_plan, format_budget, git_state, load_record, merge_records, merged_record,
-                          parse_budget, planned_data, read_records, read_run, require_runs, resolve_preset,
-                          summary_lines, write_leaderboard, write_record)
+from llm.speedrun import (build_record, check_comparable, check_label, check_same_setup, commit_worktree, compare,
+                          comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
+                          merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,
+                          resolve_preset, summary_lines, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
@@ -39,10 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESERVED = ("train.seed", "train.budget")  # set by --seed0 and --budget, never by an override
 
 
-def train_one(cmd: list[str], what: str) -> None:
-    """Run one training subprocess; its stdout is streamed (indented), its stderr passes through to a
-    terminal (the progress bar) and otherwise is only kept, so a failure can quote its last line."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
+    """Run one training subprocess with the packages of the checkout `code`; its stdout is streamed
+    (indented), its stderr passes through to a terminal (the progress bar) and otherwise is only
+    kept, so a failure can quote its last line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if code != ROOT:  # ahead of this checkout's (an editable install or PYTHONPATH)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     tee, tail = sys.stderr.isatty(), bytearray()
 
     def pump() -> None:
@@ -67,15 +71,33 @@ def train_one(cmd: list[str], what: str) -> None:
 
 def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:
     """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
-    record, which the new record holds together with its runs."""
-    if extending is not None:
-        plan = extension_plan(*extending, ROOT)
-        if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
-            raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
-        args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
-        args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
+    record, which the new record holds together with its runs, trained by the record's commit's
+    code (here, or in a temporary worktree of that commit when this checkout's differs)."""
+    if extending is None:
+        return train_and_record(args, ROOT)
+    plan = extension_plan(*extending, ROOT)
+    if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
+        raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
+    args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
+    args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
+    if plan["elsewhere"] is None:
+        return train_and_record(args, ROOT, extending)
+    with commit_worktree(ROOT, plan["commit"]) as code:
+        print(f"training code: {plan['elsewhere']}, so the new seeds train with the code of {plan['commit'][:12]}, "
+              f"checked out at {code}", flush=True)
+        train_and_record(args, code, extending)
+
+
+def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | None = None) -> None:
+    """The speedrun itself, its runs trained by the checkout `code` (ROOT, or a worktree of an
+    extended record's commit: its presets, its train_llm.py, its packages)."""
+    def in_code(path: Path) -> Path:
+        return code / path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
     try:
-        config = resolve_preset(args.preset)
+        config = in_code(resolve_preset(args.preset))
+        if not config.is_file():
+            raise UserError(f"--preset {args.preset!r}: not in the commit's configs")
     except UserError:
         if extending is None:
             raise
@@ -86,7 +108,7 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if bad := [o for o in args.overrides if o.split("=", 1)[0].strip() in RESERVED]:
         raise UserError(f"override {bad[0]!r} is set by the harness: use --seed0 / --budget instead")
-    data_from = resolve_preset(args.data_from, "--data_from") if args.data_from else None
+    data_from = in_code(resolve_preset(args.data_from, "--data_from")) if args.data_from else None
     label = check_label(args.label or derive_label(args.overrides, args.data_from))
     records = Path(args.records_dir)
     baseline = None
@@ -98,7 +120,7 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
         require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
     check_writable(records, "records folder")  # a bad override is refused by the first run, in its first seconds
 
-    commit, dirty = git_state(ROOT)  # the code that trains, before a record makes the tree dirty
+    commit, dirty = git_state(code)  # the code that trains, before a record makes the tree dirty
     created = datetime.now().astimezone()
     first = Path(args.runs_dir) / "speedrun" / f"{preset}-{format_budget(budget)}-{label}-{created:%Y%m%d-%H%M%S}"
     group, i = first, 1
@@ -119,10 +141,10 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
     for k in range(args.runs):
         seed = args.seed0 + k
         print(f"run {k + 1}/{args.runs}: seed {seed} -> {group / f'seed{seed}'}", flush=True)
-        train_one([sys.executable, str(ROOT / "scripts" / "train_llm.py"), "--config", str(config),
+        train_one([sys.executable, str(code / "scripts" / "train_llm.py"), "--config", str(config),
                    *(["--data_from", str(data_from)] if data_from else []),
                    "--experiment_name", f"seed{seed}", "--runs_dir", str(group), "--train_tokens", str(budget),
-                   f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})")
+                   f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})", code)
         results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
         if extending is not None:  # the same setup as the record's runs, or stop before training more
             check_same_setup(extending[1], results[-1], extending[0])
@@ -171,8 +193,8 @@ def main() -> None:
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
     p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
-                   "and data; from a clean checkout whose training code is its commit's): the new record holds all "
-                   "of its runs")
+                   "and data, trained by its commit's code: here, or in a temporary git worktree of that commit when "
+                   "this checkout's training code differs): the new record holds all of its runs")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
     p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
                    "one training code, distinct seeds), train nothing; with --compare, test it")

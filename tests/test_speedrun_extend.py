@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
-from llm.speedrun import (SCHEMA, check_same_setup, compare, extension_plan, git_state, hardware_string, leaderboard,
-                          merge_records, merged_record, summarise)
+from llm.speedrun import (SCHEMA, check_same_setup, commit_worktree, compare, extension_plan, git_state, hardware_string,
+                          leaderboard, merge_records, merged_record, summarise)
 from shared.errors import UserError
 from shared.trainer import hardware_info
 
@@ -69,15 +69,18 @@ def test_extension_needs_the_records_clean_commit_and_continues_its_seeds(tmp_pa
                        (record("x", [3.0], commit, overrides=["data.source=sha256:1234"]), "content hash")):
         with pytest.raises(UserError, match=words):
             extension_plan("r.json", rec, repo)
+    assert plan["commit"] == commit and plan["elsewhere"] is None  # trained here
     (repo / "llm" / "speedrun.py").write_text("# edited\n")
-    with pytest.raises(UserError, match="uncommitted changes"):
-        extension_plan("r.json", record("x", [3.0], commit), repo)
+    assert extension_plan("r.json", record("x", [3.0], commit), repo)["elsewhere"] == "this checkout has uncommitted changes"
     git(repo, "commit", "-qam", "the harness changes: the training code is the record's")
-    assert extension_plan("r.json", record("x", [3.0], commit), repo)["seed0"] == 1
+    assert extension_plan("r.json", record("x", [3.0], commit), repo)["elsewhere"] is None
     (repo / "llm" / "model.py").write_text("# edited\n")
     git(repo, "commit", "-qam", "the model changes")
-    with pytest.raises(UserError, match="llm/model.py changed since"):
-        extension_plan("r.json", record("x", [3.0], commit), repo)
+    plan = extension_plan("r.json", record("x", [3.0], commit), repo)
+    assert plan["elsewhere"] == "llm/model.py changed since the record's commit" and plan["commit"] == commit
+    with commit_worktree(repo, commit) as tree:  # where such seeds train: the record's commit, checked out apart
+        assert "# edited" not in (tree / "llm" / "model.py").read_text() and git_state(tree) == (commit, False)
+    assert not tree.exists() and str(tree) not in git(repo, "worktree", "list")
 
 
 def test_new_runs_must_train_what_the_records_runs_did():
@@ -180,17 +183,21 @@ def test_merge_from_the_command_line_writes_one_record_and_tests_it(tmp_path):
     assert_one_line_error(refused, "trains nothing")
 
 
-@pytest.mark.slow
-def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
-    repo = clean_copy(tmp_path / "repo")
-    records, runs = tmp_path / "records", tmp_path / "runs"
+def harness(repo: Path, tmp_path: Path):
+    """scripts/speedrun.py of `repo`, its records and runs under tmp_path."""
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
 
     def speedrun(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(repo / "scripts" / "speedrun.py"), "--records_dir", str(records),
-                               "--runs_dir", str(runs), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run([sys.executable, str(repo / "scripts" / "speedrun.py"), "--records_dir",
+                               str(tmp_path / "records"), "--runs_dir", str(tmp_path / "runs"), *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+    return speedrun
 
+
+@pytest.mark.slow
+def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    records, speedrun = tmp_path / "records", harness(repo, tmp_path)
     common = ["--preset", "debug", "--budget", "2048", *TINY_LLM]
     base = speedrun(*common, "--runs", "2", "--label", "baseline")
     assert base.returncode == 0, base.stderr[-3000:]
@@ -212,6 +219,27 @@ def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
                         (["--extend", str(first), "--runs", "1"], f"{merged.name} extends it already")):
         refused = speedrun(*args)
         assert refused.returncode != 0 and words in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_extend_trains_with_the_records_code_when_the_checkout_has_moved_on(tmp_path):
+    repo = clean_copy(tmp_path / "repo")
+    records, speedrun = tmp_path / "records", harness(repo, tmp_path)
+    first_run = speedrun("--preset", "debug", "--budget", "2048", *TINY_LLM, "--runs", "1", "--label", "moved")
+    assert first_run.returncode == 0, first_run.stderr[-3000:]
+    (first,) = records.glob("debug-2048-moved-*.json")
+    train = repo / "scripts" / "train_llm.py"  # the checkout's training code now fails at once
+    train.write_text(train.read_text().replace("from __future__ import annotations\n", "from __future__ import "
+                                               "annotations\nraise SystemExit('error: the new training code ran')\n", 1))
+    git(repo, "commit", "-qam", "the training code changes")
+    (repo / "notes.txt").write_text("uncommitted\n")
+    more = speedrun("--extend", str(first), "--runs", "1")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "scripts/train_llm.py changed since the record's commit" in more.stdout
+    (merged,) = set(records.glob("debug-2048-moved-*.json")) - {first}
+    rec, old = json.loads(merged.read_text()), json.loads(first.read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0, 1] and (rec["git_commit"], rec["git_dirty"]) == (old["git_commit"], False)
+    assert len(git(repo, "worktree", "list").splitlines()) == 1  # the worktree it trained in is gone
 
 
 @pytest.mark.slow
