@@ -71,27 +71,32 @@ def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
 
 def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:
     """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
-    record, which the new record holds together with its runs, trained by the record's commit's
-    code (here, or in a temporary worktree of that commit when this checkout's differs)."""
+    record, which the new record holds together with its runs. The runs train in a temporary git
+    worktree of a commit (the checkout's, or the extended record's), so that an edit made while
+    they run reaches none of them; an uncommitted checkout trains as it is, recorded as dirty."""
     if extending is None:
-        return train_and_record(args, ROOT)
-    plan = extension_plan(*extending, ROOT)
-    if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
-        raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
-    args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
-    args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
-    if plan["elsewhere"] is None:
-        return train_and_record(args, ROOT, extending)
-    with commit_worktree(ROOT, plan["commit"]) as code:
-        print(f"training code: {plan['elsewhere']}, so the new seeds train with the code of {plan['commit'][:12]}, "
-              f"checked out at {code}", flush=True)
+        commit, dirty = git_state(ROOT)
+        if commit is None or dirty:
+            return train_and_record(args, ROOT)
+        why = "this checkout's commit"
+    else:
+        plan = extension_plan(*extending, ROOT)
+        if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
+            raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
+        args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
+        args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
+        commit = plan["commit"]
+        why = f"the record's commit ({plan['elsewhere'] or 'the same training code as this checkout'})"
+    with commit_worktree(ROOT, commit) as code:
+        print(f"training code: {commit[:12]}, {why}, checked out at {code}", flush=True)
         train_and_record(args, code, extending)
 
 
 def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | None = None) -> None:
-    """The speedrun itself, its runs trained by the checkout `code` (ROOT, or a worktree of an
-    extended record's commit: its presets, its train_llm.py, its packages)."""
+    """The speedrun itself, its runs trained by the checkout `code` (ROOT, or a worktree of a commit:
+    its presets, its train_llm.py, its packages)."""
     def in_code(path: Path) -> Path:
+        path = path.resolve()
         return code / path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
     try:

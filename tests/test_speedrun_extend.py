@@ -201,6 +201,8 @@ def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
     common = ["--preset", "debug", "--budget", "2048", *TINY_LLM]
     base = speedrun(*common, "--runs", "2", "--label", "baseline")
     assert base.returncode == 0, base.stderr[-3000:]
+    assert "this checkout's commit, checked out at" in base.stdout  # an edit during the runs cannot reach them
+    assert len(git(repo, "worktree", "list").splitlines()) == 1
     (baseline,) = records.glob("debug-2048-baseline-*.json")
     one = speedrun(*common, "--runs", "1", "optim.adam_lr=0.01", "--label", "lr")
     assert one.returncode == 0, one.stderr[-3000:]
