@@ -146,8 +146,6 @@ def generation_config(model: Decoder, tok: TextTokenizer) -> dict:
     config = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
     if model.cfg.vocab_size > tok.vocab_size:  # the embedding rows padded past the tokenizer are never sampled
         config["suppress_tokens"] = list(range(tok.vocab_size, model.cfg.vocab_size))
-    if architecture(model) == "BlueberryForCausalLM":
-        config["use_cache"] = False  # the custom code has no KV cache
     return config
 
 
@@ -237,9 +235,6 @@ ids = tok("Once upon a time", return_tensors="pt")
 out = model.generate(**ids, max_new_tokens=48, do_sample=True, top_k=50)
 print(tok.decode(out[0], skip_special_tokens=True))
 ```
-{"" if not custom else '''
-The custom code has no KV cache: generation reruns the whole sequence at each step.
-'''}
 Zero-shot evaluation with lm-evaluation-harness (`add_bos_token=True`: contexts start after
 end-of-text, as training documents do; `logits_cache=False`: lm-eval 0.4.13's reuse of one-token
 continuations can score a choice at the wrong position):

@@ -116,6 +116,18 @@ def test_exported_model_gives_the_same_logits(tmp_path, shape):
             logits[:, tok.vocab_size:] = float("-inf")
             want = torch.cat([want, logits.argmax(-1, keepdim=True)], 1)
     assert out.tolist() == want.tolist()
+    if arch == "BlueberryForCausalLM":  # its KV cache: after the prompt, generate() feeds one token a step
+        fed = []
+        hook = hf.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                    eos_token_id=None, pad_token_id=tok.eos_id)
+        hook.remove()
+        assert fed == [prompt.shape[1]] + [1] * 5
+        with torch.no_grad():  # a cached forward in two pieces gives the whole forward's logits, padded rows too
+            cache = transformers.DynamicCache()
+            first = hf(padded[:, :30], attention_mask=mask[:, :30], past_key_values=cache, use_cache=True).logits
+            rest = hf(padded[:, 30:], attention_mask=mask, past_key_values=cache, prev_ids=padded[:, 29:30]).logits
+        assert (torch.cat([first, rest], 1) - both).abs().max().item() < 1e-5
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)  # 5.x reads config.json
     assert hf_tok("more words", add_special_tokens=False)["input_ids"] == tok.encode("more words")

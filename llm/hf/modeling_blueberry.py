@@ -9,9 +9,11 @@ options (embedding norm and scale, the previous-token smear, sandwich norms, gat
 the query/key scale, residual scalars, value embeddings and their gates, per-layer MLP widths,
 logit soft-cap). A tied output layer is the embedding matrix itself.
 
-There is no KV cache: generate() runs the whole sequence at each step (correct, quadratic in
-length; these are small models). attention_mask handles padding on either side: positions count
-the real tokens only, so a left-padded row gets the logits of the same row unpadded.
+generate() keeps a KV cache (transformers' DynamicCache, passed as `cache` or `past_key_values`):
+each step feeds the new token only, and, with the smear, its predecessor's id as `prev_ids` (the
+smear adds the previous token's embedding, which the cache does not hold). attention_mask handles padding on
+either side: positions count the real tokens only, so a left-padded row gets the logits of the
+same row unpadded.
 """
 
 import torch
@@ -21,6 +23,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_blueberry import BlueberryConfig
+
+# transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values` (both are accepted)
+CACHE = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def rope_tables(length, head_dim, theta):
@@ -54,6 +59,7 @@ class BlueberryAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.q = nn.Linear(d, self.n_heads * hd, bias=False)
         self.k = nn.Linear(d, self.n_kv_heads * hd, bias=False)
@@ -68,7 +74,7 @@ class BlueberryAttention(nn.Module):
             self.value_gate = nn.Linear(min(d, config.value_gate_channels), self.n_kv_heads, bias=False)
         self.scale = config.qk_scale ** 2 / hd ** 0.5 if config.qk_scale != 1.0 else None  # None: SDPA's own
 
-    def forward(self, x, rope, mask, value_extra=None):
+    def forward(self, x, rope, mask, value_extra=None, cache=None):
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -82,6 +88,8 @@ class BlueberryAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k = q.to(v.dtype), k.to(v.dtype)  # QK-norm under autocast leaves them fp32
+        if cache is not None:  # the keys and values of every position so far
+            k, v = cache.update(k, v, self.layer)
         gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **gqa)
@@ -118,8 +126,8 @@ class BlueberryBlock(nn.Module):
         self.post_norm2 = BlueberryRMSNorm(d, eps=eps) if config.sandwich_norm else nn.Identity()
         self.mlp = BlueberryMLP(d, config.intermediate_sizes[layer], config.mlp)
 
-    def forward(self, x, rope, mask, value_extra=None):
-        x = x + self.post_norm1(self.attn(self.norm1(x), rope, mask, value_extra))
+    def forward(self, x, rope, mask, value_extra=None, cache=None):
+        x = x + self.post_norm1(self.attn(self.norm1(x), rope, mask, value_extra, cache))
         return x + self.post_norm2(self.mlp(self.norm2(x)))
 
 
@@ -128,6 +136,7 @@ class BlueberryPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["BlueberryBlock"]
     supports_gradient_checkpointing = False
+    _supports_cache_class = True  # transformers 4.5x: generate() then passes a DynamicCache
 
     def _init_weights(self, module):
         # only for weights a checkpoint lacks (a fresh model): the export always holds every one
@@ -186,7 +195,7 @@ class BlueberryModel(BlueberryPreTrainedModel):
         return torch.cat([x[:, :1], cur + gate * prev], 1)
 
     def rope(self, positions, t, device):
-        """Tables [t, D/2] for positions 0..t-1, or [B, t, D/2] for position_ids [B, t]."""
+        """Tables [t, D/2] for positions 0..t-1, or [B, t', D/2] for position_ids [B, t'] below t."""
         length = max(self.config.max_position_embeddings, t)  # positions counted from a mask stay below t
         key = (str(device), length)
         if key not in self._rope:
@@ -195,32 +204,49 @@ class BlueberryModel(BlueberryPreTrainedModel):
         cos, sin = self._rope[key]
         return (cos[:t], sin[:t]) if positions is None else (cos[positions], sin[positions])
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        b, t = input_ids.shape
-        device = input_ids.device
-        mask = real = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            real = attention_mask.bool()
-            if position_ids is None:  # positions count real tokens: left padding shifts nothing
-                position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-            mask = causal[None] & real[:, None, :]
-            mask = (mask | torch.eye(t, dtype=torch.bool, device=device))[:, None]  # a padding query sees itself: no NaN
-        rope = self.rope(position_ids, t, device)
-        x = self.tok_emb(input_ids)
+    def embed(self, ids):
+        x = self.tok_emb(ids)
         if self.config.embed_norm:
             x = F.rms_norm(x, (x.shape[-1],), eps=self.config.rms_norm_eps)
-        if self.config.embed_scale:
-            x = x * self.config.hidden_size ** 0.5
+        return x * self.config.hidden_size ** 0.5 if self.config.embed_scale else x
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, prev_ids=None,
+                **kwargs):
+        """input_ids [B, t] after `past` cached positions; attention_mask [B, past + t]; prev_ids [B, 1]:
+        the token before input_ids, which the smear needs when past > 0."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        full = past + t
+        real = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        if position_ids is None and real is not None:  # positions count real tokens: left padding shifts nothing
+            position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        elif position_ids is None and past:
+            position_ids = torch.arange(past, full, device=device)[None].expand(b, -1)
+        mask = None
+        if real is not None or past:  # query i (at past + i) sees keys up to itself, real ones only
+            q_pos, k_pos = torch.arange(past, full, device=device), torch.arange(full, device=device)
+            mask = (k_pos[None, None] <= q_pos[None, :, None])
+            if real is not None:
+                mask = mask & real[:, None, :]
+            mask = (mask | (k_pos[None, None] == q_pos[None, :, None]))[:, None]  # a padding query sees itself: no NaN
+        rope = self.rope(position_ids, full, device)
+        x = self.embed(input_ids)
         if self.config.smear:
-            x = self.smear(x, real)
+            if past:
+                if prev_ids is None:
+                    raise ValueError("with past_key_values, the smear needs prev_ids: the token before input_ids")
+                edge = real[:, past - 1:] if real is not None else None
+                x = self.smear(torch.cat([self.embed(prev_ids), x], 1), edge)[:, 1:]
+            else:
+                x = self.smear(x, real)
         x0 = x
         for i, block in enumerate(self.blocks):
             if self.config.residual_scalars:
                 x = self.resid_scale[i] * x + self.x0_scale[i] * x0
             table = self.value_table(i)
             ve = self.value_embeds[table](input_ids) if table is not None else None
-            x = block(x, rope, mask, ve)
+            x = block(x, rope, mask, ve, past_key_values)
         return self.norm(x)
 
 
@@ -248,15 +274,21 @@ class BlueberryForCausalLM(BlueberryPreTrainedModel, GenerationMixin):
         return cap * torch.tanh(out.float() / cap) if cap else out
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, return_dict=None,
-                **kwargs):
-        logits = self.logits(self.model(input_ids, attention_mask, position_ids))
+                cache=None, past_key_values=None, use_cache=None, prev_ids=None, **kwargs):
+        kv = cache if cache is not None else past_key_values
+        logits = self.logits(self.model(input_ids, attention_mask, position_ids, kv, prev_ids))
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted here; -100 is ignored
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: kv})
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # no cache: every step reads the whole sequence so far
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None, **kwargs):
+        # the cache holds the first `past` positions: feed the rest (the new token), and its predecessor for the smear
+        kv = cache if cache is not None else past_key_values
+        past = kv.get_seq_length() if kv is not None else 0
+        inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask, CACHE: kv}
+        if past and self.config.smear:
+            inputs["prev_ids"] = input_ids[:, past - 1:past]
+        return inputs
