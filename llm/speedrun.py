@@ -34,7 +34,7 @@ from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, load_toml, renamed
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
-from shared.stats import mean_std, welch_less
+from shared.stats import mean_std, paired_less, welch_less
 
 from .config import LLMRunConfig, data_keys
 
@@ -618,6 +618,14 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
         out[name] = {**w.to_dict(), "better": w.p < ALPHA}
+    # A seed fixes a run's batches (and, for one shape, its init): the loss of the seeds both records
+    # ran, paired, is a second, more powerful test beside Welch's (which stays the verdict).
+    by_seed = {r["seed"]: r["loss"] for r in base["runs"]}
+    seeds = sorted(r["seed"] for r in new["runs"] if r["seed"] in by_seed)
+    if len(seeds) >= 2:
+        ours = {r["seed"]: r["loss"] for r in new["runs"]}
+        pt = paired_less([ours[s] for s in seeds], [by_seed[s] for s in seeds], confidence)
+        out["loss_paired"] = {**pt.to_dict(), "seeds": seeds, "better": pt.p < ALPHA}
     return out
 
 
@@ -648,7 +656,17 @@ def comparison_lines(cmp: dict, new_name: str = "new") -> list[str]:
                      g, _p(r["p"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return lines + [verdict("loss", cmp["loss"], cmp["alpha"]), verdict("time", cmp["time"], cmp["alpha"])]
+    lines += [verdict("loss", cmp["loss"], cmp["alpha"]), verdict("time", cmp["time"], cmp["alpha"])]
+    if pt := cmp.get("loss_paired"):
+        lines.append(f"paired by seed ({_seed_list(pt['seeds'])}): loss difference {pt['diff']:+.4f} "
+                     f"[{pt['ci'][0]:+.4f}, {pt['ci'][1]:+.4f}]; " + verdict("loss", pt, cmp["alpha"]).removeprefix("loss: ")
+                     + " (a second test; the verdict is Welch's)")
+    return lines
+
+
+def _seed_list(seeds: list[int]) -> str:
+    return f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
+        "seeds " + ", ".join(map(str, seeds))
 
 
 def _pm(s: dict, digits: int) -> str:

@@ -1,5 +1,6 @@
 """Small-sample statistics for comparing training runs: Welch's t-test (one-sided), the Welch
-confidence interval of a difference in means, and Hedges' g.
+confidence interval of a difference in means, Hedges' g, and the paired t-test of per-seed
+differences.
 
 Welch's test, not Student's, because a change can alter the spread as well as the mean (a new
 optimiser may be less stable), so the two variances are never assumed equal."""
@@ -74,3 +75,40 @@ def welch_less(new: Sequence[float], base: Sequence[float], confidence: float = 
     d = diff / pooled if pooled > 0 else None
     g = d * (1 - 3 / (4 * (n_a + n_b) - 9)) if d is not None else None
     return Welch(n_a, n_b, m_a, m_b, diff, t, df, p, confidence, (diff - half, diff + half), d, g)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Candidate `new` against `base`, value i of each from the same seed; diff = mean(new - base).
+    p is one-sided: H1 is new < base."""
+
+    n: int
+    diff: float
+    sd_diff: float
+    t: float | None  # None when every difference is the same
+    df: int
+    p: float
+    confidence: float
+    ci: tuple[float, float]  # two-sided t interval of the mean difference
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ci": list(self.ci)}
+
+
+def paired_less(new: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> Paired:
+    """The paired t-test of mean(new - base) < 0: valid whatever the pairs share, and more powerful
+    the more they share (runs of one seed see the same batches and, for one shape, the same init)."""
+    if len(new) != len(base) or len(new) < 2:
+        raise ValueError(f"the paired test needs 2 or more pairs (got {len(new)} and {len(base)} values)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    d = [a - b for a, b in zip(new, base)]
+    n = len(d)
+    mean, sd = mean_std(d)
+    if sd == 0:
+        t, p, half = None, (0.0 if mean < 0 else 1.0), 0.0
+    else:
+        res = _st.ttest_rel(new, base, alternative="less")
+        t, p = float(res.statistic), float(res.pvalue)
+        half = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return Paired(n, mean, sd, t, n - 1, p, confidence, (mean - half, mean + half))

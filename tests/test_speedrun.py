@@ -14,10 +14,10 @@ import pytest
 from scipy import stats as st
 
 from conftest import TINY_LLM, assert_one_line_error, run_script
-from llm.speedrun import (SCHEMA, compare, derive_label, format_budget, leaderboard, load_record, parse_budget,
-                          resolve_preset)
+from llm.speedrun import (SCHEMA, compare, comparison_lines, derive_label, format_budget, leaderboard, load_record,
+                          parse_budget, resolve_preset)
 from shared.errors import UserError
-from shared.stats import mean_std, welch_df, welch_less
+from shared.stats import mean_std, paired_less, welch_df, welch_less
 
 # the harness sets train.budget and train.seed itself
 TINY = TINY_LLM
@@ -118,6 +118,28 @@ def test_welch_against_scipy_and_by_hand():
     assert welch_less([1.0, 1.0], [2.0, 2.0]).p == 0.0 and welch_less([2.0, 2.0], [2.0, 2.0]).p == 1.0
     with pytest.raises(ValueError, match="at least 2"):
         welch_less([1.0], [1.0, 2.0])
+
+
+def test_the_paired_test_against_scipy_and_in_the_comparison(tmp_path):
+    new, base = [5.56, 5.57, 5.60], [5.60, 5.60, 5.63]  # each seed lower by a steady 0.03-0.04
+    pt = paired_less(new, base, confidence=0.9)
+    ref = st.ttest_rel(new, base, alternative="less")
+    assert (pt.t, pt.p, pt.df) == pytest.approx((ref.statistic, ref.pvalue, 2))
+    ci = st.ttest_rel(new, base).confidence_interval(0.9)
+    assert pt.ci == pytest.approx((ci.low, ci.high)) and pt.diff == pytest.approx(-0.1 / 3)
+    assert paired_less([1.0, 2.0], [2.0, 3.0]).p == 0.0 and paired_less([2.0, 3.0], [2.0, 3.0]).p == 1.0
+    with pytest.raises(ValueError, match="2 or more pairs"):
+        paired_less([1.0, 2.0], [1.0, 2.0, 3.0])
+    # the harness: Welch's verdict, and beside it the paired test over the seeds both records ran
+    a = json.loads(synthetic(tmp_path / "a.json", "a", base + [5.58], [1.0] * 4).read_text())
+    b = json.loads(synthetic(tmp_path / "b.json", "b", new, [1.0] * 3).read_text())
+    cmp = compare(a, b, "a.json")
+    assert cmp["loss_paired"]["seeds"] == [0, 1, 2] and cmp["loss_paired"]["p"] == pytest.approx(ref.pvalue)
+    assert not cmp["loss"]["better"] and cmp["loss_paired"]["better"]  # Welch cannot tell at n=3; the pairs can
+    lines = comparison_lines(cmp)
+    assert lines[-1].startswith("paired by seed (seeds 0-2): loss difference -0.0333") and "verdict is Welch's" in lines[-1]
+    b["runs"] = [{**r, "seed": r["seed"] + 10} for r in b["runs"]]  # no seed in common: no paired test
+    assert "loss_paired" not in compare(a, b, "a.json")
 
 
 @pytest.mark.parametrize("text,tokens", [("8M", 8_000_000), ("20M", 20_000_000), ("100M", 100_000_000), ("1B", 10**9),
