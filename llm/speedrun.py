@@ -359,9 +359,9 @@ def training_code_changes(root: Path, old: str, new: str, benchmarks: bool = Fal
 def extension_plan(name: str, record: dict, root: Path) -> dict:
     """What `--extend` trains: the record's preset, budget, overrides, data and label, from the next
     unused seed, with the training code of the record's commit (seeds of one record come from one
-    training code; the harness may have changed since). `elsewhere` says why this checkout cannot
-    train them (uncommitted changes, or training code changed since), None when it can: the seeds
-    are then trained in a worktree of the commit (`commit_worktree`)."""
+    training code; the harness may have changed since), which trains in a worktree of that commit
+    (`commit_worktree`). `elsewhere` says how this checkout differs from it (uncommitted changes, or
+    training code changed since), for the log; None when it does not."""
     commit, dirty = git_state(root)
     old = record.get("git_commit")
     if old is None or record.get("git_dirty") is not False:

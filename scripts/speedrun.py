@@ -198,8 +198,8 @@ def main() -> None:
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
     p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
-                   "and data, trained by its commit's code: here, or in a temporary git worktree of that commit when "
-                   "this checkout's training code differs): the new record holds all of its runs")
+                   "and data, trained by its commit's code in a temporary git worktree of that commit): the new record "
+                   "holds all of its runs")
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
     p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
                    "one training code, distinct seeds), train nothing; with --compare, test it")

@@ -11,9 +11,9 @@ logit soft-cap). A tied output layer is the embedding matrix itself.
 
 generate() keeps a KV cache (transformers' DynamicCache, passed as `cache` or `past_key_values`):
 each step feeds the new token only, and, with the smear, its predecessor's id as `prev_ids` (the
-smear adds the previous token's embedding, which the cache does not hold). attention_mask handles padding on
-either side: positions count the real tokens only, so a left-padded row gets the logits of the
-same row unpadded.
+smear adds the previous token's embedding, which the cache does not hold). attention_mask handles
+padding on either side: positions count the real tokens only, so a left-padded row gets the logits
+of the same row unpadded.
 """
 
 import torch
