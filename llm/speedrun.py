@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from shared.checkpoint import write_file_atomic
-from shared.config import apply_overrides, load_toml, renamed
+from shared.config import apply_overrides, from_dict, load_toml, renamed
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
 from shared.stats import mean_std, paired_less, welch_less
@@ -265,14 +265,26 @@ def record_data(record: dict) -> dict | None:
         return None
 
 
-def planned_data(preset: Path, data_from: Path | None, overrides: list[str]) -> dict:
-    """The data a speedrun of this preset, --data_from and overrides will train on (record_data's
-    form), known before it trains."""
+def _planned_table(preset: Path, data_from: Path | None, overrides: list[str]) -> dict:
+    """The run config of this preset, --data_from and overrides as a table, before it is checked."""
     raw = renamed(LLMRunConfig, load_toml(preset))
     if data_from is not None:
         raw["data"] = {**raw.get("data", {}), **data_keys(renamed(LLMRunConfig, load_toml(data_from)).get("data", {}))}
-    data = apply_overrides(raw, list(overrides)).get("data", {})
+    return apply_overrides(raw, list(overrides))
+
+
+def planned_data(preset: Path, data_from: Path | None, overrides: list[str]) -> dict:
+    """The data a speedrun of this preset, --data_from and overrides will train on (record_data's
+    form), known before it trains."""
+    data = _planned_table(preset, data_from, overrides).get("data", {})
     return portable_tree(data_keys(data if isinstance(data, dict) else {}))
+
+
+def check_config(preset: Path, data_from: Path | None, overrides: list[str]) -> None:
+    """Refuse the config a run of these would refuse in its first seconds (an unknown key, a value of
+    the wrong type or out of range), before anything trains: a sweep's third value would otherwise
+    be refused after the first two had trained for hours."""
+    from_dict(LLMRunConfig, _planned_table(preset, data_from, overrides))
 
 
 def data_words(data: dict | None, record: dict | None = None) -> tuple[str, str]:

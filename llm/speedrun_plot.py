@@ -28,6 +28,19 @@ def _eval_band(record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None
     return np.array(xs), ys.mean(0), sd
 
 
+def _save(fig, out_png: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        fig.savefig(out_png)
+    except OSError as e:
+        raise UserError(f"cannot write {out_png}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return Path(out_png)
+
+
 def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dict | None = None) -> Path:
     """One PNG of one record or of a baseline and a candidate ((name, record) pairs, baseline first):
     left, every run's validation curve thin (its training curve dashed) with the mean ± sd across seeds; right, each record's
@@ -72,11 +85,50 @@ def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dic
     final_ax.grid(alpha=0.3, axis="y")
     final_ax.set_title(verdict("loss", comparison["loss"], comparison["alpha"]) if comparison else "final losses",
                        fontsize=9)
-    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _numbers(values: list[str]) -> list[float] | None:
     try:
-        fig.savefig(out_png)
-    except OSError as e:
-        raise UserError(f"cannot write {out_png}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
-    return Path(out_png)
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot_sweep(key: str, values: list[str], records: list[dict], out_png: Path,
+               baseline: tuple[str, dict] | None = None) -> Path:
+    """One PNG of a sweep: the final validation loss of every run (a dot a seed) against the swept
+    value, the mean ± sd of each value joined by a line, and the baseline's mean ± sd as a band.
+    Numeric values sit on a numeric axis (logarithmic when they span 10x or more), others in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nums = _numbers(values)
+    xs = nums if nums is not None else list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=120)
+    if nums is not None and min(nums) > 0 and max(nums) / min(nums) >= 10:
+        ax.set_xscale("log")
+    means, sds = [], []
+    for x, rec in zip(xs, records):
+        losses = [r["loss"] for r in rec["runs"]]
+        ax.scatter([x] * len(losses), losses, color=COLOURS[1], s=16, alpha=0.6, zorder=3)
+        means.append(float(np.mean(losses)))
+        sds.append(float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0)
+    ax.errorbar(xs, means, yerr=sds, color=COLOURS[1], lw=1.6, marker="o", ms=5, capsize=3, label="mean ± sd")
+    if baseline is not None:
+        losses = [r["loss"] for r in baseline[1]["runs"]]
+        m, sd = float(np.mean(losses)), float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
+        ax.axhline(m, color=COLOURS[0], ls="--", lw=1.2, label=f"baseline {baseline[1]['label']} (n={len(losses)})")
+        ax.axhspan(m - sd, m + sd, color=COLOURS[0], alpha=0.12, lw=0)
+    if nums is None or len(values) <= 8:
+        ax.set_xticks(xs, values)
+    ax.set_xlabel(key)
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    first = records[0]
+    ax.set_title(f"{first['preset']}, {format_budget(first['budget'])} tokens: {key} "
+                 f"(n={min(len(r['runs']) for r in records)} seeds a value)", fontsize=10)
+    return _save(fig, out_png)

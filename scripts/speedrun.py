@@ -8,6 +8,7 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
     python scripts/speedrun.py --extend NEW.json --runs 2 --compare BASE.json  # 2 more seeds of NEW, tested again
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
     python scripts/speedrun.py --merge NEW.json NEW-seeds34.json --compare BASE.json  # one record of both's seeds
+    python scripts/speedrun.py --preset cpu-16m --budget 1M --runs 3 --sweep optim.muon_lr=0.01,0.02,0.04  # a record a value
     python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
 
 5-dollar-llm's benchmark: their recipe, then Blueberry's on the same data, tested against it:
@@ -24,14 +25,17 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
-from llm.speedrun import (build_record, check_comparable, check_label, check_same_setup, commit_worktree, compare,
-                          comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
+from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
+                          compare, comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
                           merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,
                           resolve_preset, summary_lines, write_leaderboard, write_record)
-from llm.speedrun_plot import plot_records
+from llm.speedrun_plot import plot_records, plot_sweep
+from llm.speedrun_sweep import parse_sweep, sweep_lines
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
 
@@ -69,32 +73,73 @@ def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
         raise UserError(f"{what} failed (exit status {code}): {last}")
 
 
+@contextmanager
+def training_code() -> Iterator[tuple[Path, str]]:
+    """(the checkout new runs train with, why): a temporary git worktree of this checkout's commit,
+    so that an edit made while they run reaches none of them; an uncommitted checkout as it is
+    (its record says dirty)."""
+    commit, dirty = git_state(ROOT)
+    if commit is None or dirty:
+        yield ROOT, "this checkout as it is (uncommitted: the record says dirty)"
+        return
+    with commit_worktree(ROOT, commit) as code:
+        yield code, f"{commit[:12]}, this checkout's commit, checked out at {code}"
+
+
 def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:
     """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
-    record, which the new record holds together with its runs. The runs train in a temporary git
-    worktree of a commit (the checkout's, or the extended record's), so that an edit made while
-    they run reaches none of them; an uncommitted checkout trains as it is, recorded as dirty."""
+    record, which the new record holds together with its runs, trained in a worktree of its commit."""
     if extending is None:
-        commit, dirty = git_state(ROOT)
-        if commit is None or dirty:
-            return train_and_record(args, ROOT)
-        why = "this checkout's commit"
-    else:
-        plan = extension_plan(*extending, ROOT)
-        if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
-            raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
-        args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
-        args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
-        commit = plan["commit"]
-        why = f"the record's commit ({plan['elsewhere'] or 'the same training code as this checkout'})"
-    with commit_worktree(ROOT, commit) as code:
-        print(f"training code: {commit[:12]}, {why}, checked out at {code}", flush=True)
-        train_and_record(args, code, extending)
+        with training_code() as (code, why):
+            print(f"training code: {why}", flush=True)
+            train_and_record(args, code, prepare(args, code))
+        return
+    plan = extension_plan(*extending, ROOT)
+    if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
+        raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
+    args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
+    args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
+    with commit_worktree(ROOT, plan["commit"]) as code:
+        print(f"training code: {plan['commit'][:12]}, the record's commit "
+              f"({plan['elsewhere'] or 'the same training code as this checkout'}), checked out at {code}", flush=True)
+        train_and_record(args, code, prepare(args, code, extending), extending)
 
 
-def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | None = None) -> None:
-    """The speedrun itself, its runs trained by the checkout `code` (ROOT, or a worktree of a commit:
-    its presets, its train_llm.py, its packages)."""
+def sweep(args: argparse.Namespace) -> None:
+    """--sweep KEY=V1,V2,...: one speedrun (its own record, tested against --compare) per value, on
+    the same seeds and the same code, every value's refusals before anything trains; then the values
+    side by side, as a table and a picture."""
+    key, values = parse_sweep(args.sweep, args.overrides)
+    started = datetime.now().astimezone()
+    if key in RESERVED:
+        raise UserError(f"--sweep {key}: it is set by the harness; use --seed0 / --budget")
+    variants = []
+    for value in values:
+        one = f"{key}={value}"
+        variants.append(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, one], "label": (
+            f"{args.label}_{derive_label([one])}" if args.label else derive_label([*args.overrides, one], args.data_from))}))
+    with training_code() as (code, why):
+        print(f"training code: {why}\nsweep of {key} over {', '.join(values)}: {len(values)} speedruns of "
+              f"{args.runs} run{'s' if args.runs > 1 else ''} each", flush=True)
+        plans = [prepare(a, code) for a in variants]
+        if len({plan["label"] for plan in plans}) < len(plans):
+            raise UserError("--sweep: two values give one label (a long one is cut); sweep shorter values")
+        done = []
+        for i, (a, plan) in enumerate(zip(variants, plans)):
+            print(f"\n=== sweep {i + 1}/{len(values)}: {key} = {values[i]}", flush=True)
+            done.append(train_and_record(a, code, plan))
+    baseline = (args.compare, load_record(args.compare)) if args.compare else None
+    records = [rec for _, rec in done]
+    print("\n" + "\n".join(sweep_lines(key, values, records, baseline)))
+    out = plans[0]["records"] / (f"{plans[0]['preset']}-{format_budget(plans[0]['budget'])}-sweep-"
+                                 f"{key.split('.')[-1]}-{started:%Y%m%d-%H%M%S}.png")
+    print(f"sweep picture: {plot_sweep(key, values, records, out, baseline)}")
+
+
+def prepare(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | None = None) -> dict:
+    """Everything that can refuse a speedrun, before it trains: its preset and data in the checkout
+    `code`, its overrides (a new run's), its label, the baseline it will be compared with, the
+    records folder. Returns what training it needs."""
     def in_code(path: Path) -> Path:
         path = path.resolve()
         return code / path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -108,12 +153,13 @@ def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str,
             raise
         raise UserError(f"cannot extend {extending[0]}: its preset {args.preset!r} is not an LLM preset here") from None
     budget = parse_budget(args.budget)
-    preset = config.stem
     if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if bad := [o for o in args.overrides if o.split("=", 1)[0].strip() in RESERVED]:
         raise UserError(f"override {bad[0]!r} is set by the harness: use --seed0 / --budget instead")
     data_from = in_code(resolve_preset(args.data_from, "--data_from")) if args.data_from else None
+    if extending is None:  # an extension's overrides were the record's own, at its commit
+        check_config(config, data_from, args.overrides)
     label = check_label(args.label or derive_label(args.overrides, args.data_from))
     records = Path(args.records_dir)
     baseline = None
@@ -121,10 +167,19 @@ def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str,
         n_old = len(extending[1]["runs"]) if extending else 0
         require_runs(args.runs + n_old, "this speedrun (--runs)")
         baseline = load_record(args.compare)
-        check_comparable(baseline, preset, budget, args.compare, planned_data(config, data_from, args.overrides))
+        check_comparable(baseline, config.stem, budget, args.compare, planned_data(config, data_from, args.overrides))
         require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
-    check_writable(records, "records folder")  # a bad override is refused by the first run, in its first seconds
+    check_writable(records, "records folder")
+    return {"config": config, "preset": config.stem, "budget": budget, "data_from": data_from, "label": label,
+            "records": records, "baseline": baseline}
 
+
+def train_and_record(args: argparse.Namespace, code: Path, plan: dict,
+                     extending: tuple[str, dict] | None = None) -> tuple[Path, dict]:
+    """The speedrun `prepare` planned, its runs trained by the checkout `code` (ROOT, or a worktree of
+    a commit: its presets, its train_llm.py, its packages); returns its record and where it is."""
+    config, preset, budget, data_from, label = (plan[k] for k in ("config", "preset", "budget", "data_from", "label"))
+    records, baseline = plan["records"], plan["baseline"]
     commit, dirty = git_state(code)  # the code that trains, before a record makes the tree dirty
     created = datetime.now().astimezone()
     first = Path(args.runs_dir) / "speedrun" / f"{preset}-{format_budget(budget)}-{label}-{created:%Y%m%d-%H%M%S}"
@@ -159,11 +214,12 @@ def train_and_record(args: argparse.Namespace, code: Path, extending: tuple[str,
             print(f"record so far ({k + 1} of {args.runs} runs): {path}", flush=True)
 
     print(f"\n{preset} at {budget:,} tokens, {label}:")
-    publish(record_of(results), args, baseline, records, created, replace=path)
+    record = record_of(results)
+    return publish(record, args, baseline, records, created, replace=path), record
 
 
 def publish(record: dict, args: argparse.Namespace, baseline: dict | None, records: Path, created: datetime,
-            replace: Path | None = None) -> None:
+            replace: Path | None = None) -> Path:
     """Print a record's figures (and its test against the baseline), write it (over `replace`, the same
     speedrun's record so far), its picture and the leaderboard."""
     print("\n".join(summary_lines(record)))
@@ -174,6 +230,7 @@ def publish(record: dict, args: argparse.Namespace, baseline: dict | None, recor
     sides = [(args.compare, baseline)] if baseline is not None else []
     png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
     print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
+    return path
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -203,13 +260,16 @@ def main() -> None:
     p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
     p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
                    "one training code, distinct seeds), train nothing; with --compare, test it")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one speedrun (one record, --runs seeds) per value of "
+                   "one config key, e.g. optim.muon_lr=0.01,0.02,0.04, the same seeds and code for each; then the "
+                   "values side by side (which the best beats, each against --compare) and a picture")
     p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
     args = p.parse_intermixed_args()  # overrides may come before or after the flags
     if not 0 < args.confidence < 100:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
-    training = [f for f in ("preset", "budget", "data_from") if getattr(args, f)] + (["overrides"] if args.overrides else [])
+    training = [f for f in ("preset", "budget", "data_from", "sweep") if getattr(args, f)] + (["overrides"] if args.overrides else [])
     if args.leaderboard:
         if training or args.compare or args.candidate or args.extend or args.merge:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
@@ -242,7 +302,10 @@ def main() -> None:
         speedrun(args, (args.extend, load_record(args.extend)))
     elif args.preset and args.budget:
         args.seed0 = args.seed0 or 0
-        speedrun(args)
+        if args.sweep:
+            sweep(args)
+        else:
+            speedrun(args)
     else:
         raise UserError("give --preset and --budget to train (or --compare BASE --candidate NEW, or --leaderboard)")
 

@@ -1,0 +1,77 @@
+"""A sweep over one config value: one speedrun record per value, every value trained on the same
+seeds by the same code, then the values side by side: each one's loss, the best, which values the
+best beats (Welch's test, and the paired test over the shared seeds), and each against a baseline
+record when one is given."""
+
+from __future__ import annotations
+
+from shared.errors import UserError
+from shared.stats import paired_less, welch_less
+
+from .speedrun import ALPHA, _p, _pm, summarise
+
+
+def parse_sweep(text: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """`section.key=v1,v2,...` as (key, values): two or more distinct values, none empty, and a key
+    that no override also sets. Values are split at commas, so a list value cannot be swept."""
+    key, sep, rest = text.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise UserError(f"--sweep {text!r}: give section.key=v1,v2,... (e.g. optim.muon_lr=0.01,0.02,0.04)")
+    values = [v.strip() for v in rest.split(",")]
+    if any(not v for v in values):
+        raise UserError(f"--sweep {text!r}: an empty value (values are separated by commas)")
+    if len(values) < 2:
+        raise UserError(f"--sweep {text!r}: a sweep needs two or more values")
+    if len(set(values)) < len(values):
+        raise UserError(f"--sweep {text!r}: a value is given twice")
+    if any(o.partition("=")[0].strip() == key for o in overrides):
+        raise UserError(f"--sweep sets {key}: drop the override that also sets it")
+    return key, values
+
+
+def _test(new: list[float], base: list[float], new_seeds: list[int], base_seeds: list[int]) -> tuple[str, str]:
+    """(Welch p, paired p) of new < base as text; 'n/a' where a side has fewer than 2 runs or seeds."""
+    welch = _p(welch_less(new, base).p) if min(len(new), len(base)) >= 2 else "n/a"
+    ours, theirs = dict(zip(new_seeds, new)), dict(zip(base_seeds, base))
+    seeds = sorted(set(ours) & set(theirs))
+    paired = _p(paired_less([ours[s] for s in seeds], [theirs[s] for s in seeds]).p) if len(seeds) >= 2 else "n/a"
+    return welch, paired
+
+
+def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tuple[str, dict] | None = None) -> list[str]:
+    """The sweep as an aligned table (one row a value: its loss, its train time, the best value's
+    tests against it, its own against the baseline) and the verdicts in words."""
+    losses = [[r["loss"] for r in rec["runs"]] for rec in records]
+    seeds = [[r["seed"] for r in rec["runs"]] for rec in records]
+    means = [sum(x) / len(x) for x in losses]
+    best = min(range(len(values)), key=means.__getitem__)
+    header = [key, "val loss (mean ± sd, n)", "train time (s)", "best better: p", "paired p"]
+    if baseline:
+        header += ["vs baseline", "p"]
+        base_losses, base_seeds = [r["loss"] for r in baseline[1]["runs"]], [r["seed"] for r in baseline[1]["runs"]]
+        base_mean = sum(base_losses) / len(base_losses)
+    rows, beaten, better = [header], [], []
+    for i, (value, rec) in enumerate(zip(values, records)):
+        s = summarise(rec["runs"])
+        welch, paired = ("(best)", "") if i == best else _test(losses[best], losses[i], seeds[best], seeds[i])
+        if i != best and welch != "n/a" and float(welch) < ALPHA:
+            beaten.append(value)
+        row = [value + (" *" if i == best else ""), f"{_pm(s['loss'], 4)} (n={s['loss']['n']})",
+               _pm(s["train_time_s"], 1), welch, paired]
+        if baseline:
+            p_base = _test(losses[i], base_losses, seeds[i], base_seeds)[0]
+            if p_base != "n/a" and float(p_base) < ALPHA:
+                better.append(value)
+            row += [f"{means[i] - base_mean:+.4f}", p_base]
+        rows.append(row)
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = [f"sweep of {key} over {len(values)} values ({records[0]['preset']}, {records[0]['budget']:,} tokens; "
+             "one-sided Welch p that the best value's loss is lower, and the paired test over the shared seeds):"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"best: {key} = {values[best]} (val loss {means[best]:.4f}); at p < {ALPHA:g} it beats "
+                 + (", ".join(f"{key} = {v}" for v in beaten) if beaten else "no other value"))
+    if baseline:
+        lines.append(f"better than the baseline {baseline[0]} at p < {ALPHA:g}: "
+                     + (", ".join(f"{key} = {v}" for v in better) if better else "none"))
+    return lines

@@ -1,0 +1,78 @@
+"""A sweep over one config value: a record per value on the same seeds, the table that names the
+best and what it beats, the picture, and every value's refusal before anything trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_LLM, assert_one_line_error, run_script
+from llm.speedrun_plot import plot_sweep
+from llm.speedrun_sweep import parse_sweep, sweep_lines
+from shared.errors import UserError
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def record(label: str, losses: list[float]) -> dict:
+    runs = [{"seed": i, "loss": x, "accuracy": 0.5, "perplexity": 20.0, "train_time_s": 10.0 + i}
+            for i, x in enumerate(losses)]
+    return {"label": label, "preset": "debug", "budget": 2048, "runs": runs}
+
+
+def test_parse_sweep_takes_one_key_and_refuses_what_cannot_be_a_sweep():
+    assert parse_sweep("optim.muon_lr = 0.01, 0.02,0.04", ["model.d_model=64"]) == ("optim.muon_lr", ["0.01", "0.02", "0.04"])
+    assert parse_sweep('model.mlp="relu2","swiglu"', []) == ("model.mlp", ['"relu2"', '"swiglu"'])
+    for text, overrides, words in [
+        ("optim.muon_lr", [], "section.key=v1,v2"), ("muon_lr=1,2", [], "section.key=v1,v2"),
+        ("optim.muon_lr=0.01", [], "two or more"), ("optim.muon_lr=0.01,,0.02", [], "empty value"),
+        ("optim.muon_lr=1,1", [], "twice"), ("optim.muon_lr=1,2", ["optim.muon_lr=3"], "drop the override"),
+    ]:
+        with pytest.raises(UserError, match=words):
+            parse_sweep(text, overrides)
+
+
+def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baseline(tmp_path):
+    values = ["0.01", "0.02", "0.04"]
+    records = [record("a", [3.00, 3.02, 2.99]), record("b", [2.80, 2.82, 2.79]), record("c", [2.805, 2.83, 2.78])]
+    base = ("base.json", record("base", [2.95, 2.97, 2.96]))
+    lines = sweep_lines("optim.muon_lr", values, records, base)
+    text = "\n".join(lines)
+    row = {line.split()[0]: line for line in lines[2:5]}
+    assert "0.02" in row and row["0.02"].split()[1] == "*" and "(best)" in row["0.02"]  # the lowest mean
+    assert "2.8033 ± 0.0153 (n=3)" in row["0.02"] and "11.0 ± 1.0" in row["0.02"]
+    assert "at p < 0.01 it beats optim.muon_lr = 0.01" in text and "optim.muon_lr = 0.04" not in lines[-2]
+    assert lines[-1] == "better than the baseline base.json at p < 0.01: optim.muon_lr = 0.02, optim.muon_lr = 0.04"
+    assert "+0.0433" in row["0.01"]  # its mean against the baseline's
+
+    one = sweep_lines("optim.muon_lr", values[:2], [record("a", [3.0]), record("b", [2.9])])
+    assert "n/a" in one[2] and one[-1].endswith("it beats no other value")  # one seed a value tests nothing
+    for vals, name in ((values, "numeric.png"), (['"relu2"', '"swiglu"', '"gelu"'], "named.png")):
+        out = plot_sweep("optim.muon_lr", vals, records, tmp_path / name, base)
+        assert out.stat().st_size > 10_000
+
+
+def test_every_values_config_is_refused_before_anything_trains(tmp_path):
+    proc = run_script("speedrun.py", "--preset", "debug", "--budget", "2048", "--runs", "2", "--runs_dir",
+                      str(tmp_path / "runs"), "--records_dir", str(tmp_path / "records"), *TINY_LLM,
+                      "--sweep", "optim.muon_lr=0.02,0.0.3", cwd=tmp_path, env_extra=ENV)
+    assert_one_line_error(proc, "optim.muon_lr")
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("records/*.json"))
+
+
+@pytest.mark.slow
+def test_a_sweep_records_every_value_on_the_same_seeds_and_draws_them(tmp_path):
+    records = tmp_path / "records"
+    proc = run_script("speedrun.py", "--preset", "debug", "--budget", "2048", "--runs", "2", "--runs_dir",
+                      str(tmp_path / "runs"), "--records_dir", str(records), *TINY_LLM, "--label", "lr",
+                      "--sweep", "optim.adam_lr=0.001,0.01", cwd=tmp_path, env_extra=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
+    assert sorted(r["label"] for r in recs.values()) == ["lr_adam_lr-0.001", "lr_adam_lr-0.01"]
+    for rec in recs.values():
+        assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["overrides"][-1].startswith("optim.adam_lr=")
+        assert rec["config"]["optim"]["adam_lr"] == float(rec["overrides"][-1].split("=")[1])
+    assert "sweep of optim.adam_lr over 2 values" in proc.stdout and "best: optim.adam_lr = " in proc.stdout
+    (picture,) = records.glob("debug-2048-sweep-adam_lr-*.png")
+    assert f"sweep picture: {picture}" in proc.stdout
