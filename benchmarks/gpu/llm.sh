@@ -17,6 +17,10 @@
 #                      [".gpu/llm"]; 8 files at most come back, all under $OUT
 #   moe [RUNS]         device: issue 13's moe-24gb against blueberry-88m at 20M tokens on the offline
 #                      text, RUNS seeds each (default 2), compared by the speedrun harness (~4 min a pair)
+#   recipe [RUNS]      device: issue 25's carry test: blueberry-88m at 8M tokens on the offline text
+#                      with the recipe it had before 2026-12-03 (OLD_RECIPE, overrides), then with
+#                      today's (carried from cpu-16m), RUNS seeds each (default 2), today's tested
+#                      against the old one by the harness                              (~2 min a run)
 # Carry [".gpu/llm"] in the speedrun call. Results go to $OUT (or .gpu/out elsewhere).
 # Dry run on a CPU: benchmarks/gpu/README.md (PRESET=debug BUDGET=20k THROUGHPUT_PRESETS=debug)
 set -euo pipefail
@@ -82,6 +86,18 @@ moe)
     $PY scripts/speedrun.py --preset "${DENSE_PRESET:-blueberry-88m}" --budget "${BUDGET:-20M}" --runs "${2:-2}" --label moe-offline-gpt2 \
         --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" $moe ${SPEEDRUN_OVERRIDES:-}
     ;;
+recipe)
+    [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
+    export BLUEBERRY_CACHE="$G/cache"
+    data=(data.source="$G/llm/text" data.tokenizer="$G/llm/gpt2")
+    # exactly blueberry-88m's config before a63b159 (checked to resolve to it): benchmarks/results/llm_recipe.md
+    old=${OLD_RECIPE:-model.embed_norm=false model.init="normal" model.residual_scalars=false model.residual_init="identity" model.smear=false model.logit_softcap=0 model.qk_scale=1 model.rope_theta=10000 optim.muon_beta2=0 optim.muon_cautious_wd=false optim.muon_weight_decay=0 optim.muon_momentum=0.95 optim.muon_momentum_warmup=0 optim.warmup_steps=50 optim.cooldown_frac=0.3 optim.min_lr_ratio=0}
+    $PY scripts/speedrun.py --preset "${PRESET:-blueberry-88m}" --budget "${BUDGET:-8M}" --runs "${2:-2}" --label old-recipe-offline-gpt2 \
+        --records_dir "$OUT/records" --runs_dir "$G/runs" "${data[@]}" $old ${SPEEDRUN_OVERRIDES:-}
+    base=$(ls -t "$OUT"/records/*-old-recipe-offline-gpt2-*.json | head -1)
+    $PY scripts/speedrun.py --preset "${PRESET:-blueberry-88m}" --budget "${BUDGET:-8M}" --runs "${2:-2}" --label offline-text-gpt2 \
+        --records_dir "$OUT/records" --runs_dir "$G/runs" --compare "$base" "${data[@]}" ${SPEEDRUN_OVERRIDES:-}
+    ;;
 window1)
     [ -d "$G/llm/text" ] || { echo "error: $G/llm missing: run 'benchmarks/gpu/llm.sh prepare DATA_DIR' here and carry .gpu/llm"; exit 2; }
     limit=${WINDOW_S:-530}  # seconds this command may take; each part is cut off so the rest still runs
@@ -116,5 +132,5 @@ window1)
     fi
     ;;
 *)
-    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS] | window1"; exit 2 ;;
+    echo "usage: benchmarks/gpu/llm.sh prepare DATA_DIR | throughput | overhead | speedrun [RUNS] | moe [RUNS] | recipe [RUNS] | window1"; exit 2 ;;
 esac
