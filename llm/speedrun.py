@@ -345,13 +345,32 @@ def _runnable(override: str, root: Path) -> str:
     return override
 
 
-HARNESS = ("llm/speedrun.py", "llm/speedrun_plot.py")  # record and draw runs; they train nothing
+HARNESS = ("llm/speedrun.py", "llm/speedrun_plot.py", "llm/speedrun_sweep.py")  # record and draw runs; they train nothing
 
 
 def affects_training(path: str) -> bool:
     """Whether a file of the checkout can change what a speedrun's training run does."""
     return (path.startswith(("llm/", "shared/", "configs/")) and path not in HARNESS) or \
         path in ("scripts/train_llm.py", "pyproject.toml")
+
+
+def uncommitted_training_changes(root: Path) -> list[str]:
+    """The files with uncommitted changes (untracked ones included) that can change training: a
+    record written since the last commit (benchmarks/records/) does not, so it leaves the next
+    speedrun training the commit's code, recorded clean."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    entries, paths = out.split("\0"), []
+    while entries:
+        entry = entries.pop(0)
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC" and entries:  # a rename or copy: its old path follows
+                paths.append(entries.pop(0))
+    return [f for f in paths if affects_training(f)]
 
 
 def training_code_changes(root: Path, old: str, new: str, benchmarks: bool = False) -> list[str] | None:

@@ -33,7 +33,7 @@ from typing import Iterator
 from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
                           compare, comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
                           merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,
-                          resolve_preset, summary_lines, write_leaderboard, write_record)
+                          resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
 from llm.speedrun_sweep import parse_sweep, sweep_lines
 from shared.errors import UserError, run_main
@@ -76,14 +76,19 @@ def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
 @contextmanager
 def training_code() -> Iterator[tuple[Path, str]]:
     """(the checkout new runs train with, why): a temporary git worktree of this checkout's commit,
-    so that an edit made while they run reaches none of them; an uncommitted checkout as it is
-    (its record says dirty)."""
+    so that an edit made while they run reaches none of them; a checkout with uncommitted changes
+    to training code as it is (its record says dirty). Records written since the commit, docs and
+    other files that train nothing leave the runs on the commit, recorded clean."""
     commit, dirty = git_state(ROOT)
-    if commit is None or dirty:
-        yield ROOT, "this checkout as it is (uncommitted: the record says dirty)"
+    if commit is None:
+        yield ROOT, "this checkout as it is (not a git checkout: the record names no commit)"
+        return
+    if changed := uncommitted_training_changes(ROOT):
+        yield ROOT, f"this checkout as it is ({changed[0]} is not committed: the record says dirty)"
         return
     with commit_worktree(ROOT, commit) as code:
-        yield code, f"{commit[:12]}, this checkout's commit, checked out at {code}"
+        yield code, (f"{commit[:12]}, this checkout's commit, checked out at {code}"
+                     + (" (the uncommitted changes here train nothing)" if dirty else ""))
 
 
 def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:

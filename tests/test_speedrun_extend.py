@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun import (SCHEMA, check_same_setup, commit_worktree, compare, extension_plan, git_state, hardware_string,
-                          leaderboard, merge_records, merged_record, summarise)
+                          leaderboard, merge_records, merged_record, summarise, uncommitted_training_changes)
 from shared.errors import UserError
 from shared.trainer import hardware_info
 
@@ -269,3 +269,23 @@ def test_a_stopped_speedrun_keeps_its_finished_seeds_as_a_record_to_extend(tmp_p
     assert more.returncode == 0, more.stderr[-3000:]
     (extended,) = set(records.glob("debug-2048-cut-*.json")) - {kept}
     assert [r["seed"] for r in json.loads(extended.read_text())["runs"]] == [0, 1]
+
+
+def test_only_uncommitted_training_code_makes_a_new_speedrun_dirty(tmp_path):
+    """A record written since the commit (the first speedrun's, before the second starts) or a doc
+    leaves the next speedrun on the commit, in a worktree, recorded clean; a changed preset or
+    module, a new one or a renamed one does not."""
+    repo = tmp_path / "repo"
+    for path in ("llm/model.py", "configs/llm/a.toml", "benchmarks/records/LEADERBOARD.md", "README.md"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("x\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "start")
+    (repo / "benchmarks/records/LEADERBOARD.md").write_text("y\n")
+    (repo / "benchmarks/records/debug-2048-a-1.json").write_text("{}")
+    (repo / "README.md").write_text("y\n")
+    assert git_state(repo)[1] is True and uncommitted_training_changes(repo) == []
+    (repo / "llm/new module.py").write_text("x\n")  # a space: git quotes such names without -z
+    git(repo, "mv", "configs/llm/a.toml", "configs/llm/b.toml")
+    assert sorted(uncommitted_training_changes(repo)) == ["configs/llm/a.toml", "configs/llm/b.toml", "llm/new module.py"]
