@@ -30,13 +30,17 @@ def parse_sweep(text: str, overrides: list[str]) -> tuple[str, list[str]]:
     return key, values
 
 
-def _test(new: list[float], base: list[float], new_seeds: list[int], base_seeds: list[int]) -> tuple[str, str]:
-    """(Welch p, paired p) of new < base as text; 'n/a' where a side has fewer than 2 runs or seeds."""
-    welch = _p(welch_less(new, base).p) if min(len(new), len(base)) >= 2 else "n/a"
+def _test(new: list[float], base: list[float], new_seeds: list[int], base_seeds: list[int]) -> tuple[float | None, float | None]:
+    """(Welch p, paired p) of new < base; None where a side has fewer than 2 runs, or they share fewer than 2 seeds."""
+    welch = welch_less(new, base).p if min(len(new), len(base)) >= 2 else None
     ours, theirs = dict(zip(new_seeds, new)), dict(zip(base_seeds, base))
     seeds = sorted(set(ours) & set(theirs))
-    paired = _p(paired_less([ours[s] for s in seeds], [theirs[s] for s in seeds]).p) if len(seeds) >= 2 else "n/a"
+    paired = paired_less([ours[s] for s in seeds], [theirs[s] for s in seeds]).p if len(seeds) >= 2 else None
     return welch, paired
+
+
+def _shown_p(p: float | None) -> str:
+    return "n/a" if p is None else _p(p)
 
 
 def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tuple[str, dict] | None = None) -> list[str]:
@@ -54,16 +58,16 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
     rows, beaten, better = [header], [], []
     for i, (value, rec) in enumerate(zip(values, records)):
         s = summarise(rec["runs"])
-        welch, paired = ("(best)", "") if i == best else _test(losses[best], losses[i], seeds[best], seeds[i])
-        if i != best and welch != "n/a" and float(welch) < ALPHA:
+        welch, paired = (None, None) if i == best else _test(losses[best], losses[i], seeds[best], seeds[i])
+        if welch is not None and welch < ALPHA:
             beaten.append(value)
         row = [value + (" *" if i == best else ""), f"{_pm(s['loss'], 4)} (n={s['loss']['n']})",
-               _pm(s["train_time_s"], 1), welch, paired]
+               _pm(s["train_time_s"], 1), "(best)" if i == best else _shown_p(welch), "" if i == best else _shown_p(paired)]
         if baseline:
             p_base = _test(losses[i], base_losses, seeds[i], base_seeds)[0]
-            if p_base != "n/a" and float(p_base) < ALPHA:
+            if p_base is not None and p_base < ALPHA:
                 better.append(value)
-            row += [f"{means[i] - base_mean:+.4f}", p_base]
+            row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base)]
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = [f"sweep of {key} over {len(values)} values ({records[0]['preset']}, {records[0]['budget']:,} tokens; "
