@@ -30,12 +30,14 @@ def parse_sweep(text: str, overrides: list[str]) -> tuple[str, list[str]]:
     return key, values
 
 
-def _test(new: list[float], base: list[float], new_seeds: list[int], base_seeds: list[int]) -> tuple[float | None, float | None]:
-    """(Welch p, paired p) of new < base; None where a side has fewer than 2 runs, or they share fewer than 2 seeds."""
-    welch = welch_less(new, base).p if min(len(new), len(base)) >= 2 else None
-    ours, theirs = dict(zip(new_seeds, new)), dict(zip(base_seeds, base))
-    seeds = sorted(set(ours) & set(theirs))
-    paired = paired_less([ours[s] for s in seeds], [theirs[s] for s in seeds]).p if len(seeds) >= 2 else None
+def _test(new: dict, base: dict) -> tuple[float | None, float | None]:
+    """(Welch p, paired p) of record new's loss below base's; None where a side has fewer than 2 runs,
+    or they share fewer than 2 seeds. Not llm.speedrun.compare: a sweep of a data key compares values
+    trained on different data, which compare refuses."""
+    new_loss, base_loss = ({r["seed"]: r["loss"] for r in rec["runs"]} for rec in (new, base))
+    welch = welch_less(list(new_loss.values()), list(base_loss.values())).p if min(len(new_loss), len(base_loss)) >= 2 else None
+    seeds = sorted(set(new_loss) & set(base_loss))
+    paired = paired_less([new_loss[k] for k in seeds], [base_loss[k] for k in seeds]).p if len(seeds) >= 2 else None
     return welch, paired
 
 
@@ -46,25 +48,22 @@ def _shown_p(p: float | None) -> str:
 def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tuple[str, dict] | None = None) -> list[str]:
     """The sweep as an aligned table (one row a value: its loss, its train time, the best value's
     tests against it, its own against the baseline) and the verdicts in words."""
-    losses = [[r["loss"] for r in rec["runs"]] for rec in records]
-    seeds = [[r["seed"] for r in rec["runs"]] for rec in records]
-    means = [sum(x) / len(x) for x in losses]
+    summaries = [summarise(rec["runs"]) for rec in records]
+    means = [sm["loss"]["mean"] for sm in summaries]
     best = min(range(len(values)), key=means.__getitem__)
     header = [key, "val loss (mean ± sd, n)", "train time (s)", "best better: p", "paired p"]
     if baseline:
         header += ["vs baseline", "p"]
-        base_losses, base_seeds = [r["loss"] for r in baseline[1]["runs"]], [r["seed"] for r in baseline[1]["runs"]]
-        base_mean = sum(base_losses) / len(base_losses)
+        base_mean = summarise(baseline[1]["runs"])["loss"]["mean"]
     rows, beaten, better = [header], [], []
-    for i, (value, rec) in enumerate(zip(values, records)):
-        s = summarise(rec["runs"])
-        welch, paired = (None, None) if i == best else _test(losses[best], losses[i], seeds[best], seeds[i])
+    for i, (value, rec, sm) in enumerate(zip(values, records, summaries)):
+        welch, paired = (None, None) if i == best else _test(records[best], rec)
         if welch is not None and welch < ALPHA:
             beaten.append(value)
-        row = [value + (" *" if i == best else ""), f"{_pm(s['loss'], 4)} (n={s['loss']['n']})",
-               _pm(s["train_time_s"], 1), "(best)" if i == best else _shown_p(welch), "" if i == best else _shown_p(paired)]
+        row = [value + (" *" if i == best else ""), f"{_pm(sm['loss'], 4)} (n={sm['loss']['n']})",
+               _pm(sm["train_time_s"], 1), "(best)" if i == best else _shown_p(welch), "" if i == best else _shown_p(paired)]
         if baseline:
-            p_base = _test(losses[i], base_losses, seeds[i], base_seeds)[0]
+            p_base = _test(rec, baseline[1])[0]
             if p_base is not None and p_base < ALPHA:
                 better.append(value)
             row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base)]

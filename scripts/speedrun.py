@@ -133,7 +133,7 @@ def sweep(args: argparse.Namespace) -> None:
         for i, (a, plan) in enumerate(zip(variants, plans)):
             print(f"\n=== sweep {i + 1}/{len(values)}: {key} = {values[i]}", flush=True)
             done.append(train_and_record(a, code, plan))
-    baseline = (args.compare, load_record(args.compare)) if args.compare else None
+    baseline = (args.compare, plans[0]["baseline"]) if args.compare else None  # prepare loaded it
     records = [rec for _, rec in done]
     print("\n" + "\n".join(sweep_lines(key, values, records, baseline)))
     out = plans[0]["records"] / (f"{plans[0]['preset']}-{format_budget(plans[0]['budget'])}-sweep-"
