@@ -231,6 +231,19 @@ def portable_tree(value):
     return portable(value) if isinstance(value, str) else value
 
 
+def same_name(a: object, b: object) -> bool:
+    """Two portable values name the same thing: equal, or a path in the workspace and the `sha256:`
+    name of its content (what a checkout outside the workspace writes for the same folder)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)) or a.startswith("sha256:") == b.startswith("sha256:"):
+        return False
+    named, path = (a, b) if a.startswith("sha256:") else (b, a)
+    if _is_abs_path(path) or path.startswith("gone:") or not (ROOT / path).exists():
+        return False
+    return path_hash((ROOT / path).resolve()) == named.removeprefix("sha256:")
+
+
 def absolute_paths(record: dict) -> list[str]:
     """The absolute paths a record holds in its overrides, config, data and runs (none, once portable)."""
     found: list[str] = []
@@ -433,7 +446,7 @@ def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -
     """A new run of an extension (or a record to merge) trained what the record's runs did: its
     resolved config equal but for the seed, on the same data, on the same hardware."""
     old, new = flatten(record.get("config") or {}), flatten(run["config"] or {})
-    if differ := [k for k in sorted(set(old) | set(new)) if k != "train.seed" and old.get(k) != new.get(k)]:
+    if differ := [k for k in sorted(set(old) | set(new)) if k != "train.seed" and not same_name(old.get(k), new.get(k))]:
         whose = "the new run's" if verb == "extend" else "its"
         raise UserError(f"cannot {verb} {name}: {whose} {differ[0]} is {_shown(new.get(differ[0]))}, the record's "
                         f"{_shown(old.get(differ[0]))}")
@@ -631,7 +644,7 @@ def check_comparable(base: dict, new_preset: str, new_budget: int, base_name: st
             raise UserError(f"cannot compare: the baseline {base_name} is {base['preset']}, this is {new_preset}, and "
                             "one of them does not say what data it trained on")
         return
-    if differ := [k for k in sorted(set(base_data) | set(new_data)) if base_data.get(k) != new_data.get(k)]:
+    if differ := [k for k in sorted(set(base_data) | set(new_data)) if not same_name(base_data.get(k), new_data.get(k))]:
         k = differ[0]
         raise UserError(f"cannot compare: the baseline {base_name} trained on other data (data.{k} = "
                         f"{_shown(base_data.get(k))}, this run {_shown(new_data.get(k))}); --data_from PRESET trains "

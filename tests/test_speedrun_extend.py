@@ -96,6 +96,27 @@ def test_new_runs_must_train_what_the_records_runs_did():
         check_same_setup(old, {**run, "hardware": {**HW, "cpu_threads": 2}}, "r.json")
 
 
+def test_a_folder_named_by_its_content_hash_is_the_same_data_as_its_path(tmp_path, monkeypatch):
+    # A checkout outside the workspace names the data folder `sha256:...`; one inside names its
+    # path. Both name the same bytes, so the records compare and extend each other.
+    import llm.speedrun as sr
+    monkeypatch.setattr(sr, "ROOT", tmp_path / "repo")
+    (tmp_path / "repo").mkdir()
+    (text := tmp_path / "data" / "text").mkdir(parents=True)
+    (text / "a.txt").write_text("some words\n")
+    named = f"sha256:{sr.path_hash(text)}"
+    assert sr.same_name("../data/text", named) and sr.same_name(named, "../data/text")
+    assert not sr.same_name("../data/other", named) and not sr.same_name("sha256:0", "../data/text")
+    old = {**record("x", [3.0], "c"), "config": {"train": {"seed": 0}, "data": {"source": "../data/text"}}}
+    run = {"config": {"train": {"seed": 5}, "data": {"source": named}}, "data": {"sha256": "abc"}, "hardware": HW}
+    check_same_setup({**old, "data": {"sha256": "abc"}}, run, "r.json")
+    hashed = sr.record_data(run)
+    sr.check_comparable(old, "x", old["budget"], "r.json", hashed)
+    (text / "a.txt").write_text("other words\n")  # the folder changed: the hash no longer names it
+    with pytest.raises(UserError, match="trained on other data"):
+        sr.check_comparable(old, "x", old["budget"], "r.json", hashed)
+
+
 def test_the_cpu_model_is_compared_where_both_records_name_it_and_an_unnamed_one_stays_unnamed():
     run = {"config": {"train": {"seed": 5, "budget": 2048}, "data": {"seq_len": 32}}, "data": {"sha256": "abc"},
            "hardware": {**HW, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": "AVX512"}}
