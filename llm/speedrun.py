@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, from_dict, load_toml, renamed
@@ -239,9 +239,15 @@ def same_name(a: object, b: object) -> bool:
     if not (isinstance(a, str) and isinstance(b, str)) or a.startswith("sha256:") == b.startswith("sha256:"):
         return False
     named, path = (a, b) if a.startswith("sha256:") else (b, a)
-    if _is_abs_path(path) or path.startswith("gone:") or not (ROOT / path).exists():
+    if not path or _is_abs_path(path) or path.startswith("gone:"):
         return False
-    return path_hash((ROOT / path).resolve()) == named.removeprefix("sha256:")
+    where = (ROOT / path).resolve()
+    if not where.exists() or ROOT.resolve().is_relative_to(where):  # "" or ".." would hash the checkout
+        return False
+    try:  # hashed only here: the rare pair of one name of each kind
+        return path_hash(where) == named.removeprefix("sha256:")
+    except OSError:
+        return False
 
 
 def absolute_paths(record: dict) -> list[str]:
@@ -367,10 +373,11 @@ def affects_training(path: str) -> bool:
         path in ("scripts/train_llm.py", "pyproject.toml")
 
 
-def uncommitted_training_changes(root: Path) -> list[str]:
-    """The files with uncommitted changes (untracked ones included) that can change training: a
-    record written since the last commit (benchmarks/records/) does not, so it leaves the next
-    speedrun training the commit's code, recorded clean."""
+def uncommitted_training_changes(root: Path, also: Sequence[str] = ()) -> list[str]:
+    """The files with uncommitted changes (untracked ones included) that can change training, and
+    those of `also` (the run's preset files, wherever they lie in the checkout): a record written
+    since the last commit (benchmarks/records/) does not, so it leaves the next speedrun training
+    the commit's code, recorded clean."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=root,
                              capture_output=True, text=True, check=True).stdout
@@ -383,7 +390,7 @@ def uncommitted_training_changes(root: Path) -> list[str]:
             paths.append(entry[3:])
             if entry[0] in "RC" and entries:  # a rename or copy: its old path follows
                 paths.append(entries.pop(0))
-    return [f for f in paths if affects_training(f)]
+    return [f for f in paths if affects_training(f) or f in also]
 
 
 def training_code_changes(root: Path, old: str, new: str, benchmarks: bool = False) -> list[str] | None:

@@ -4,6 +4,7 @@ are compared."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,12 @@ def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dic
 
 
 def _numbers(values: list[str]) -> list[float] | None:
+    """The values as numbers for a numeric axis; None (drawn in order) when one is not a finite number."""
     try:
-        return [float(v) for v in values]
+        nums = [float(v) for v in values]
     except ValueError:
         return None
+    return nums if all(math.isfinite(x) for x in nums) else None
 
 
 def plot_sweep(key: str, values: list[str], records: list[dict], out_png: Path,

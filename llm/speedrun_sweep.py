@@ -1,12 +1,13 @@
 """A sweep over one config value: one speedrun record per value, every value trained on the same
 seeds by the same code, then the values side by side: each one's loss, the best, which values the
 best beats (Welch's test, and the paired test over the shared seeds), and each against a baseline
-record when one is given."""
+record when one is given. The best is chosen by its mean, so its tests are two-sided, and each
+column is one family of tests: its p values are Holm-adjusted (a verdict holds for the whole table)."""
 
 from __future__ import annotations
 
 from shared.errors import UserError
-from shared.stats import paired_less, welch_less
+from shared.stats import holm, paired_less, two_sided, welch_less
 
 from .speedrun import ALPHA, _p, _pm, summarise
 
@@ -55,22 +56,24 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
     if baseline:
         header += ["vs baseline", "p"]
         base_mean = summarise(baseline[1]["runs"])["loss"]["mean"]
-    rows, beaten, better = [header], [], []
-    for i, (value, rec, sm) in enumerate(zip(values, records, summaries)):
-        welch, paired = (None, None) if i == best else _test(records[best], rec)
-        if welch is not None and welch < ALPHA:
-            beaten.append(value)
+    tests = [(None, None) if i == best else _test(records[best], rec) for i, rec in enumerate(records)]
+    welch = holm([None if w is None else two_sided(w) for w, _ in tests])
+    paired = holm([None if p is None else two_sided(p) for _, p in tests])
+    beaten = [v for v, p in zip(values, welch) if p is not None and p < ALPHA]
+    p_base = holm([_test(rec, baseline[1])[0] for rec in records]) if baseline else []
+    better = [v for v, p in zip(values, p_base) if p is not None and p < ALPHA]
+    rows = [header]
+    for i, (value, sm) in enumerate(zip(values, summaries)):
         row = [value + (" *" if i == best else ""), f"{_pm(sm['loss'], 4)} (n={sm['loss']['n']})",
-               _pm(sm["train_time_s"], 1), "(best)" if i == best else _shown_p(welch), "" if i == best else _shown_p(paired)]
+               _pm(sm["train_time_s"], 1), "(best)" if i == best else _shown_p(welch[i]),
+               "" if i == best else _shown_p(paired[i])]
         if baseline:
-            p_base = _test(rec, baseline[1])[0]
-            if p_base is not None and p_base < ALPHA:
-                better.append(value)
-            row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base)]
+            row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base[i])]
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = [f"sweep of {key} over {len(values)} values ({records[0]['preset']}, {records[0]['budget']:,} tokens; "
-             "one-sided Welch p that the best value's loss is lower, and the paired test over the shared seeds):"]
+             "the best value's loss against each other's: Welch's p and the paired test's over the shared seeds, "
+             "two-sided as the best is chosen by its mean; against the baseline one-sided; each column Holm-adjusted):"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"best: {key} = {values[best]} (val loss {means[best]:.4f}); at p < {ALPHA:g} it beats "
                  + (", ".join(f"{key} = {v}" for v in beaten) if beaten else "no other value"))

@@ -73,17 +73,25 @@ def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
         raise UserError(f"{what} failed (exit status {code}): {last}")
 
 
+def preset_files(args: argparse.Namespace) -> list[str]:
+    """--preset's and --data_from's files where they lie in this checkout (relative to it): training
+    code of the run, wherever they are (a preset may be a TOML file outside configs/)."""
+    paths = [resolve_preset(args.preset).resolve()] + ([resolve_preset(args.data_from, "--data_from").resolve()]
+                                                       if args.data_from else [])
+    return [p.relative_to(ROOT).as_posix() for p in paths if p.is_relative_to(ROOT)]
+
+
 @contextmanager
-def training_code() -> Iterator[tuple[Path, str]]:
+def training_code(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
     """(the checkout new runs train with, why): a temporary git worktree of this checkout's commit,
     so that an edit made while they run reaches none of them; a checkout with uncommitted changes
-    to training code as it is (its record says dirty). Records written since the commit, docs and
-    other files that train nothing leave the runs on the commit, recorded clean."""
+    to training code or to the run's preset files as it is (its record says dirty). Records written
+    since the commit, docs and other files that train nothing leave the runs on the commit, recorded clean."""
     commit, dirty = git_state(ROOT)
     if commit is None:
         yield ROOT, "this checkout as it is (not a git checkout: the record names no commit)"
         return
-    if changed := uncommitted_training_changes(ROOT):
+    if changed := uncommitted_training_changes(ROOT, preset_files(args)):
         yield ROOT, f"this checkout as it is ({changed[0]} is not committed: the record says dirty)"
         return
     with commit_worktree(ROOT, commit) as code:
@@ -95,7 +103,7 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
     """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
     record, which the new record holds together with its runs, trained in a worktree of its commit."""
     if extending is None:
-        with training_code() as (code, why):
+        with training_code(args) as (code, why):
             print(f"training code: {why}", flush=True)
             train_and_record(args, code, prepare(args, code))
         return
@@ -123,7 +131,7 @@ def sweep(args: argparse.Namespace) -> None:
         one = f"{key}={value}"
         variants.append(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, one], "label": (
             f"{args.label}_{derive_label([one])}" if args.label else derive_label([*args.overrides, one], args.data_from))}))
-    with training_code() as (code, why):
+    with training_code(args) as (code, why):
         print(f"training code: {why}\nsweep of {key} over {', '.join(values)}: {len(values)} speedruns of "
               f"{args.runs} run{'s' if args.runs > 1 else ''} each", flush=True)
         plans = [prepare(a, code) for a in variants]

@@ -112,3 +112,21 @@ def paired_less(new: Sequence[float], base: Sequence[float], confidence: float =
         t, p = float(res.statistic), float(res.pvalue)
         half = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return Paired(n, mean, sd, t, n - 1, p, confidence, (mean - half, mean + half))
+
+
+def two_sided(p_less: float) -> float:
+    """The two-sided p of a symmetric test from its one-sided p (mean < 0): for a direction chosen
+    after looking at the means, as when the best of several values is tested against the others."""
+    return min(1.0, 2 * min(p_less, 1 - p_less))
+
+
+def holm(ps: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of several p values of one family (None: no test), each adjusted
+    p to compare with alpha as it stands: the family's chance of any false claim stays below alpha."""
+    order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out: list[float | None] = [None] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
+        out[i] = running
+    return out

@@ -107,6 +107,7 @@ def test_a_folder_named_by_its_content_hash_is_the_same_data_as_its_path(tmp_pat
     named = f"sha256:{sr.path_hash(text)}"
     assert sr.same_name("../data/text", named) and sr.same_name(named, "../data/text")
     assert not sr.same_name("../data/other", named) and not sr.same_name("sha256:0", "../data/text")
+    assert not sr.same_name("", named) and not sr.same_name("..", f"sha256:{sr.path_hash(tmp_path)}")
     old = {**record("x", [3.0], "c"), "config": {"train": {"seed": 0}, "data": {"source": "../data/text"}}}
     run = {"config": {"train": {"seed": 5}, "data": {"source": named}}, "data": {"sha256": "abc"}, "hardware": HW}
     check_same_setup({**old, "data": {"sha256": "abc"}}, run, "r.json")
@@ -310,3 +311,5 @@ def test_only_uncommitted_training_code_makes_a_new_speedrun_dirty(tmp_path):
     (repo / "llm/new module.py").write_text("x\n")  # a space: git quotes such names without -z
     git(repo, "mv", "configs/llm/a.toml", "configs/llm/b.toml")
     assert sorted(uncommitted_training_changes(repo)) == ["configs/llm/a.toml", "configs/llm/b.toml", "llm/new module.py"]
+    (repo / "mine.toml").write_text("x\n")  # a preset outside configs/: training code of the run that names it
+    assert "mine.toml" not in uncommitted_training_changes(repo) and "mine.toml" in uncommitted_training_changes(repo, ["mine.toml"])

@@ -11,6 +11,7 @@ from conftest import TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun_plot import plot_sweep
 from llm.speedrun_sweep import parse_sweep, sweep_lines
 from shared.errors import UserError
+from shared.stats import holm, two_sided, welch_less
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -48,9 +49,21 @@ def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baselin
 
     one = sweep_lines("optim.muon_lr", values[:2], [record("a", [3.0]), record("b", [2.9])])
     assert "n/a" in one[2] and one[-1].endswith("it beats no other value")  # one seed a value tests nothing
-    for vals, name in ((values, "numeric.png"), (['"relu2"', '"swiglu"', '"gelu"'], "named.png")):
+    for vals, name in ((values, "numeric.png"), (['"relu2"', '"swiglu"', '"gelu"'], "named.png"),
+                      (["1.0", "inf", "nan"], "infinite.png")):  # not finite: in order, as names
         out = plot_sweep("optim.muon_lr", vals, records, tmp_path / name, base)
         assert out.stat().st_size > 10_000
+
+
+def test_the_best_is_chosen_by_its_mean_so_its_tests_are_two_sided_and_holm_adjusted():
+    # One-sided p 0.0069 would pass at 0.01; chosen after looking, it is 0.0138 two-sided: no verdict.
+    best, other = [2.80, 2.81, 2.80, 2.79], [x + 0.025 for x in [2.80, 2.82, 2.79, 2.80]]
+    assert 0.005 < welch_less(best, other).p < 0.01
+    lines = sweep_lines("optim.muon_lr", ["1", "2"], [record("a", best), record("b", other)])
+    assert lines[-1].endswith("it beats no other value") and "0.0138" in lines[3]
+    assert two_sided(0.004) == 0.008 and two_sided(0.996) == pytest.approx(0.008) and two_sided(0.7) == pytest.approx(0.6)
+    adjusted = holm([0.01, None, 0.04, 0.03])  # 3 x 0.01, then 2 x 0.03, then 0.04 raised to the step before
+    assert adjusted[1] is None and [adjusted[i] for i in (0, 2, 3)] == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_every_values_config_is_refused_before_anything_trains(tmp_path):
