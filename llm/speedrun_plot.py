@@ -119,19 +119,21 @@ def plot_sweep(key: str, values: list[str], records: list[dict], out_png: Path,
         ax.scatter([x] * len(losses), losses, color=COLOURS[1], s=16, alpha=0.6, zorder=3)
         means.append(float(np.mean(losses)))
         sds.append(float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0)
-    ax.errorbar(xs, means, yerr=sds, color=COLOURS[1], lw=1.6, marker="o", ms=5, capsize=3, label="mean ± sd")
+    ax.errorbar(xs, means, yerr=sds, color=COLOURS[1], lw=1.6, marker="o", ms=5, capsize=3, label="mean ± sd",
+                ls="-" if nums is not None else "none")  # a line only where the values have an order
     if baseline is not None:
         losses = [r["loss"] for r in baseline[1]["runs"]]
         m, sd = float(np.mean(losses)), float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
         ax.axhline(m, color=COLOURS[0], ls="--", lw=1.2, label=f"baseline {baseline[1]['label']} (n={len(losses)})")
         ax.axhspan(m - sd, m + sd, color=COLOURS[0], alpha=0.12, lw=0)
     if nums is None or len(values) <= 8:
-        ax.set_xticks(xs, values)
+        ax.set_xticks(xs, values, rotation=0 if nums is not None or len(values) <= 4 else 30,
+                      ha="center" if nums is not None or len(values) <= 4 else "right")
     ax.set_xlabel(key)
     ax.set_ylabel("final validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     first = records[0]
     ax.set_title(f"{first['preset']}, {format_budget(first['budget'])} tokens: {key} "
-                 f"(n={min(len(r['runs']) for r in records)} seeds a value)", fontsize=10)
+                 f"(n={min(len(r['runs']) for r in records)} seeds each)", fontsize=10)
     return _save(fig, out_png)

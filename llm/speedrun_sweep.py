@@ -1,10 +1,15 @@
-"""A sweep over one config value: one speedrun record per value, every value trained on the same
-seeds by the same code, then the values side by side: each one's loss, the best, which values the
-best beats (Welch's test, and the paired test over the shared seeds), and each against a baseline
-record when one is given. The best is chosen by its mean, so its tests are two-sided, and each
-column is one family of tests: its p values are Holm-adjusted (a verdict holds for the whole table)."""
+"""A sweep over one config value, or a set of named variants (an ablation: the default with one
+piece removed at a time): one speedrun record each, all trained on the same seeds by the same code,
+then side by side: each one's loss, the best, which the best beats (Welch's test, and the paired
+test over the shared seeds), and each against a baseline record when one is given. The best is
+chosen by its mean and a variant may land on either side of the baseline, so the tests are
+two-sided, and each column is one family: its p values are Holm-adjusted (a verdict holds for the
+whole table)."""
 
 from __future__ import annotations
+
+import re
+import shlex
 
 from shared.errors import UserError
 from shared.stats import holm, paired_less, two_sided, welch_less
@@ -31,6 +36,33 @@ def parse_sweep(text: str, overrides: list[str]) -> tuple[str, list[str]]:
     return key, values
 
 
+def parse_variants(texts: list[str], overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """`NAME: section.key=value ...` (shell-quoted, one or more overrides) as (name, overrides): two
+    or more variants, distinct names that can name a file, no key set twice or also by an override."""
+    out, common = [], {o.partition("=")[0].strip() for o in overrides}
+    for text in texts:
+        name, sep, rest = text.partition(":")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UserError(f"--variant {text!r}: give NAME: section.key=value ... (a name of letters, digits, . _ -)")
+        try:
+            ones = shlex.split(rest)
+        except ValueError as e:
+            raise UserError(f"--variant {name}: {e}") from None
+        keys = [o.partition("=")[0].strip() for o in ones]
+        if not ones or any("=" not in o or "." not in k for o, k in zip(ones, keys)):
+            raise UserError(f"--variant {name}: give one or more section.key=value overrides after the colon")
+        if len(set(keys)) < len(keys) or (both := common & set(keys)):
+            raise UserError(f"--variant {name}: "
+                            + (f"it and an override both set {sorted(both)[0]}" if len(set(keys)) == len(keys) else "a key is set twice"))
+        out.append((name, ones))
+    if len(out) < 2:
+        raise UserError("--variant: give two or more variants (each one a record)")
+    if len({n for n, _ in out}) < len(out):
+        raise UserError("--variant: a name is given twice")
+    return out
+
+
 def _test(new: dict, base: dict) -> tuple[float | None, float | None]:
     """(Welch p, paired p) of record new's loss below base's; None where a side has fewer than 2 runs,
     or they share fewer than 2 seeds. Not llm.speedrun.compare: a sweep of a data key compares values
@@ -46,9 +78,11 @@ def _shown_p(p: float | None) -> str:
     return "n/a" if p is None else _p(p)
 
 
-def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tuple[str, dict] | None = None) -> list[str]:
-    """The sweep as an aligned table (one row a value: its loss, its train time, the best value's
-    tests against it, its own against the baseline) and the verdicts in words."""
+def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tuple[str, dict] | None = None,
+                variants: bool = False) -> list[str]:
+    """The sweep (or, with variants, the named variants; key is then the column's title) as an
+    aligned table (one row each: its loss, its train time, the best one's tests against it, its own
+    against the baseline) and the verdicts in words."""
     summaries = [summarise(rec["runs"]) for rec in records]
     means = [sm["loss"]["mean"] for sm in summaries]
     best = min(range(len(values)), key=means.__getitem__)
@@ -60,8 +94,10 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
     welch = holm([None if w is None else two_sided(w) for w, _ in tests])
     paired = holm([None if p is None else two_sided(p) for _, p in tests])
     beaten = [v for v, p in zip(values, welch) if p is not None and p < ALPHA]
-    p_base = holm([_test(rec, baseline[1])[0] for rec in records]) if baseline else []
-    better = [v for v, p in zip(values, p_base) if p is not None and p < ALPHA]
+    p_base = holm([None if (p := _test(rec, baseline[1])[0]) is None else two_sided(p) for rec in records]) \
+        if baseline else []
+    better = [v for v, p, m in zip(values, p_base, means) if p is not None and p < ALPHA and m < base_mean]
+    worse = [v for v, p, m in zip(values, p_base, means) if p is not None and p < ALPHA and m > base_mean]
     rows = [header]
     for i, (value, sm) in enumerate(zip(values, summaries)):
         row = [value + (" *" if i == best else ""), f"{_pm(sm['loss'], 4)} (n={sm['loss']['n']})",
@@ -71,13 +107,16 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
             row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base[i])]
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = [f"sweep of {key} over {len(values)} values ({records[0]['preset']}, {records[0]['budget']:,} tokens; "
-             "the best value's loss against each other's: Welch's p and the paired test's over the shared seeds, "
-             "two-sided as the best is chosen by its mean; against the baseline one-sided; each column Holm-adjusted):"]
+    name = (lambda v: v) if variants else (lambda v: f"{key} = {v}")
+    what, one = ("variants", "variant") if variants else (f"values of {key}", "value")
+    lines = [f"{len(values)} {what} ({records[0]['preset']}, {records[0]['budget']:,} tokens; the best {one}'s loss "
+             f"against each other's: Welch's p and the paired test's over the shared seeds, and each one's against "
+             "the baseline, two-sided, each column Holm-adjusted):"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"best: {key} = {values[best]} (val loss {means[best]:.4f}); at p < {ALPHA:g} it beats "
-                 + (", ".join(f"{key} = {v}" for v in beaten) if beaten else "no other value"))
+    lines.append(f"best: {name(values[best])} (val loss {means[best]:.4f}); at p < {ALPHA:g} it beats "
+                 + (", ".join(map(name, beaten)) if beaten else f"no other {one}"))
     if baseline:
-        lines.append(f"better than the baseline {baseline[0]} at p < {ALPHA:g}: "
-                     + (", ".join(f"{key} = {v}" for v in better) if better else "none"))
+        for word, which in (("below", better), ("above", worse)):
+            lines.append(f"{word} the baseline {baseline[0]} at p < {ALPHA:g}: "
+                         + (", ".join(map(name, which)) if which else "none"))
     return lines

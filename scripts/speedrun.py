@@ -9,6 +9,8 @@ record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regen
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
     python scripts/speedrun.py --merge NEW.json NEW-seeds34.json --compare BASE.json  # one record of both's seeds
     python scripts/speedrun.py --preset cpu-16m --budget 1M --runs 3 --sweep optim.muon_lr=0.01,0.02,0.04  # a record a value
+    python scripts/speedrun.py --preset cpu-16m --budget 1M --runs 3 --variant 'no-smear: model.smear=false' \\
+        --variant 'no-softcap: model.logit_softcap=0'                      # a record a named variant (an ablation)
     python scripts/speedrun.py --leaderboard                                  # rewrite LEADERBOARD.md
 
 5-dollar-llm's benchmark: their recipe, then Blueberry's on the same data, tested against it:
@@ -35,7 +37,7 @@ from llm.speedrun import (build_record, check_comparable, check_config, check_la
                           merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,
                           resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
-from llm.speedrun_sweep import parse_sweep, sweep_lines
+from llm.speedrun_sweep import parse_sweep, parse_variants, sweep_lines
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
 
@@ -119,34 +121,42 @@ def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """--sweep KEY=V1,V2,...: one speedrun (its own record, tested against --compare) per value, on
-    the same seeds and the same code, every value's refusals before anything trains; then the values
-    side by side, as a table and a picture."""
-    key, values = parse_sweep(args.sweep, args.overrides)
+    """--sweep KEY=V1,V2,... or --variant NAME: OVERRIDES (repeated): one speedrun (its own record,
+    tested against --compare) per value or variant, on the same seeds and the same code, every one's
+    refusals before anything trains; then side by side, as a table and a picture."""
     started = datetime.now().astimezone()
-    if key in RESERVED:
-        raise UserError(f"--sweep {key}: it is set by the harness; use --seed0 / --budget")
-    variants = []
-    for value in values:
-        one = f"{key}={value}"
-        variants.append(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, one], "label": (
-            f"{args.label}_{derive_label([one])}" if args.label else derive_label([*args.overrides, one], args.data_from))}))
+    if args.sweep:
+        key, values = parse_sweep(args.sweep, args.overrides)
+        items = [(value, [f"{key}={value}"]) for value in values]
+        labels = [f"{args.label}_{derive_label(one)}" if args.label else derive_label([*args.overrides, *one], args.data_from)
+                  for _, one in items]
+        title, picture = f"sweep of {key} over {', '.join(values)}", f"sweep-{key.split('.')[-1]}"
+    else:
+        items = parse_variants(args.variant, args.overrides)
+        key, values = "variant", [name for name, _ in items]
+        prefix = args.label or (derive_label(args.overrides, args.data_from) if args.overrides or args.data_from else "")
+        labels = [f"{prefix}_{name}" if prefix else name for name in values]
+        title, picture = f"variants {', '.join(values)}", f"variants-{prefix or values[0]}"
+    if reserved := [o for _, ones in items for o in ones if o.partition("=")[0].strip() in RESERVED]:
+        raise UserError(f"{reserved[0].partition('=')[0]} is set by the harness; use --seed0 / --budget")
+    variants = [argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *ones], "label": label})
+                for (_, ones), label in zip(items, labels)]
     with training_code(args) as (code, why):
-        print(f"training code: {why}\nsweep of {key} over {', '.join(values)}: {len(values)} speedruns of "
+        print(f"training code: {why}\n{title}: {len(values)} speedruns of "
               f"{args.runs} run{'s' if args.runs > 1 else ''} each", flush=True)
         plans = [prepare(a, code) for a in variants]
         if len({plan["label"] for plan in plans}) < len(plans):
-            raise UserError("--sweep: two values give one label (a long one is cut); sweep shorter values")
+            raise UserError("two values give one label (a long one is cut); use shorter values or names")
         done = []
         for i, (a, plan) in enumerate(zip(variants, plans)):
-            print(f"\n=== sweep {i + 1}/{len(values)}: {key} = {values[i]}", flush=True)
+            print(f"\n=== {i + 1}/{len(values)}: {' '.join(items[i][1])}", flush=True)
             done.append(train_and_record(a, code, plan))
     baseline = (args.compare, plans[0]["baseline"]) if args.compare else None  # prepare loaded it
     records = [rec for _, rec in done]
-    print("\n" + "\n".join(sweep_lines(key, values, records, baseline)))
-    out = plans[0]["records"] / (f"{plans[0]['preset']}-{format_budget(plans[0]['budget'])}-sweep-"
-                                 f"{key.split('.')[-1]}-{started:%Y%m%d-%H%M%S}.png")
-    print(f"sweep picture: {plot_sweep(key, values, records, out, baseline)}")
+    print("\n" + "\n".join(sweep_lines(key, values, records, baseline, variants=not args.sweep)))
+    out = plans[0]["records"] / (f"{plans[0]['preset']}-{format_budget(plans[0]['budget'])}-{picture}-"
+                                 f"{started:%Y%m%d-%H%M%S}.png")
+    print(f"{'sweep' if args.sweep else 'variants'} picture: {plot_sweep(key, values, records, out, baseline)}")
 
 
 def prepare(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | None = None) -> dict:
@@ -276,13 +286,17 @@ def main() -> None:
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one speedrun (one record, --runs seeds) per value of "
                    "one config key, e.g. optim.muon_lr=0.01,0.02,0.04, the same seeds and code for each; then the "
                    "values side by side (which the best beats, each against --compare) and a picture")
+    p.add_argument("--variant", metavar="'NAME: KEY=V ...'", action="append", help="repeated: one speedrun per "
+                   "named set of overrides, e.g. an ablation of the default, --variant 'no-smear: model.smear=false' "
+                   "--variant 'no-softcap: model.logit_softcap=0'; the same seeds and code for each, then side by "
+                   "side as for --sweep")
     p.add_argument("--confidence", type=finite_float, default=95.0, help="level of the difference's interval, in percent")
     p.add_argument("--leaderboard", action="store_true", help="only regenerate LEADERBOARD.md from the records")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
     args = p.parse_intermixed_args()  # overrides may come before or after the flags
     if not 0 < args.confidence < 100:
         raise UserError(f"--confidence is a percentage in (0, 100), got {args.confidence:g}")
-    training = [f for f in ("preset", "budget", "data_from", "sweep") if getattr(args, f)] + (["overrides"] if args.overrides else [])
+    training = [f for f in ("preset", "budget", "data_from", "sweep", "variant") if getattr(args, f)] + (["overrides"] if args.overrides else [])
     if args.leaderboard:
         if training or args.compare or args.candidate or args.extend or args.merge:
             raise UserError("--leaderboard only regenerates the leaderboard: give it no other work")
@@ -315,7 +329,9 @@ def main() -> None:
         speedrun(args, (args.extend, load_record(args.extend)))
     elif args.preset and args.budget:
         args.seed0 = args.seed0 or 0
-        if args.sweep:
+        if args.sweep and args.variant:
+            raise UserError("--sweep and --variant are two ways to name the runs: give one")
+        if args.sweep or args.variant:
             sweep(args)
         else:
             speedrun(args)
