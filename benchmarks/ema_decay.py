@@ -12,11 +12,15 @@ Prints a Markdown table; no training.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 import tomllib
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from shared.ema import EMA, warmup_horizon
 from shared.trainer import TrainConfig
@@ -45,6 +49,7 @@ def profile(ema: EMA, steps: int) -> tuple[float, float, str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| preset | ema_decay | steps | before: half-way | final decay | reached | first 10% share "
           "| horizon | after: half-way | final decay | reached | first 10% share |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |")

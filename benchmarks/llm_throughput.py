@@ -31,11 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.config import LLMRunConfig
 from llm.model import Decoder, matmul_flops_per_token

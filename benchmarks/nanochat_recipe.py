@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
+
 from llm.config import LLMRunConfig, padded_vocab
 from llm.data import open_text_data
 from llm.speedrun import (build_record, check_comparable, compare, comparison_lines, format_budget, git_state,

@@ -14,8 +14,11 @@ import argparse
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.data import TextDataConfig, prepare_data
 from shared.errors import UserError, run_main

@@ -16,8 +16,12 @@ classes in turn, balanced like the reference set.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from flow_matching.generate import add_solver_args, generate as generate_flow
 from flow_matching.load import load_model

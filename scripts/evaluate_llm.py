@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
+
 from llm.downstream import TASKS, evaluate, load_task, parse_tasks, report_lines, task_table
 from llm.load import load_llm_run
 from shared.checkpoint import resolve_checkpoint

@@ -13,10 +13,14 @@ Both over the whole test split unless --limit (a fixed random subset).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from multimodal.captions import class_in_caption
 from multimodal.data import encode_images

@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.export import check_export_folder, check_repo_id, export_run, push_to_hub
 from llm.load import load_llm_run

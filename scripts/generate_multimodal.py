@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from multimodal.config import check_sampling
 from multimodal.generate import add_sampling_args, caption_codes, class_prompts, generate_images, sampling_settings

@@ -10,7 +10,10 @@ vukrosic/blueberry-1B-pretrain, trained on with --data OUT.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.pretokenized import write_rows_dataset
 from shared.errors import run_main

@@ -32,6 +32,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
+
 from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
                           compare, comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
                           merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,

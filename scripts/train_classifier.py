@@ -11,8 +11,12 @@ Reports test accuracy; scripts/evaluate_images.py --classifier runs/<name> then 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from judge.classifier import ClassifierTask, build_classifier
 from judge.config import ClassifierRunConfig

@@ -9,8 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from flow_matching.config import FlowMatchingRunConfig
 from flow_matching.dit import DiT2D

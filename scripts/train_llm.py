@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.config import LLMRunConfig, data_table, padded_vocab
 from llm.data import open_text_data
