@@ -52,9 +52,10 @@ def parse_variants(texts: list[str], overrides: list[str]) -> list[tuple[str, li
         keys = [o.partition("=")[0].strip() for o in ones]
         if not ones or any("=" not in o or "." not in k for o, k in zip(ones, keys)):
             raise UserError(f"--variant {name}: give one or more section.key=value overrides after the colon")
-        if len(set(keys)) < len(keys) or (both := common & set(keys)):
-            raise UserError(f"--variant {name}: "
-                            + (f"it and an override both set {sorted(both)[0]}" if len(set(keys)) == len(keys) else "a key is set twice"))
+        if len(set(keys)) < len(keys):
+            raise UserError(f"--variant {name}: a key is set twice")
+        if both := sorted(common & set(keys)):
+            raise UserError(f"--variant {name}: it and an override both set {both[0]}")
         out.append((name, ones))
     if len(out) < 2:
         raise UserError("--variant: give two or more variants (each one a record)")

@@ -122,7 +122,8 @@ def two_sided(p_less: float) -> float:
 
 def holm(ps: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjustment of several p values of one family (None: no test), each adjusted
-    p to compare with alpha as it stands: the family's chance of any false claim stays below alpha."""
+    p to compare with alpha as it stands: the family's chance of any false claim stays below alpha.
+    Written here: scipy (a dependency already) has no Holm, and statsmodels would be one for a loop."""
     order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
     out: list[float | None] = [None] * len(ps)
     running = 0.0
