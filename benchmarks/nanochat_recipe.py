@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from llm.config import LLMRunConfig, padded_vocab
 from llm.data import open_text_data
-from llm.speedrun import (build_record, check_comparable, compare, comparison_lines, format_budget, git_state,
-                          load_record, parse_budget, planned_data, read_run, require_runs, resolve_preset, summary_lines,
-                          write_leaderboard, write_record)
+from llm.speedrun import (build_record, check_comparable, format_budget, git_state, load_record, parse_budget,
+                          planned_data, read_run, resolve_preset, summary_lines, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records
+from llm.speedrun_screen import judge
 from llm.task import LanguageModelTask
 from shared.config import dump_toml, load_config, to_dict
 from shared.errors import UserError, run_main
@@ -362,7 +362,6 @@ def main() -> None:
                         "on every batch: give a preset with train.grad_accum = 1")
     baseline = None
     if args.compare:
-        require_runs(args.runs, "this benchmark (--runs)")
         baseline = load_record(args.compare)
         check_comparable(baseline, "nanochat", budget, args.compare, planned_data(config, None, args.overrides))
     commit, dirty = git_state(ROOT)
@@ -381,8 +380,9 @@ def main() -> None:
                           overrides=args.overrides, runs=results, commit=commit, dirty=dirty, created=created)
     print("\n".join(summary_lines(record)))
     if baseline is not None:
-        record["comparison"] = compare(baseline, record, args.compare)
-        print("\n" + "\n".join(comparison_lines(record["comparison"])))
+        key, result, lines = judge(baseline, record, args.compare)
+        record[key] = result
+        print("\n" + "\n".join(lines))
     path = write_record(record, Path(args.records_dir), created)
     sides = [(args.compare, baseline)] if baseline is not None else []
     png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))

@@ -505,7 +505,7 @@ def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
             seen[r["seed"]] = name
     runs = sorted((r for _, rec in named for r in rec["runs"]), key=lambda r: r["seed"])
     curves = [c for _, rec in named for c in rec.get("curves", [])]
-    merged = {k: v for k, v in first.items() if k not in ("comparison", "extends")}
+    merged = {k: v for k, v in first.items() if k not in ("comparison", "screen", "extends")}
     # the records an input extended are superseded too: the leaderboard hides everything merged here
     names = [Path(n).name for n, _ in named] + [rec["extends"] for _, rec in named if rec.get("extends")]
     hardware = first.get("hardware")

@@ -89,8 +89,9 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
     best = min(range(len(values)), key=means.__getitem__)
     header = [key, "val loss (mean ± sd, n)", "train time (s)", "best better: p", "paired p"]
     if baseline:
-        header += ["vs baseline", "p"]
+        header += ["vs baseline", "p", "same seeds"]
         base_mean = summarise(baseline[1]["runs"])["loss"]["mean"]
+        base_loss = {r["seed"]: r["loss"] for r in baseline[1]["runs"]}
     tests = [(None, None) if i == best else _test(records[best], rec) for i, rec in enumerate(records)]
     welch = holm([None if w is None else two_sided(w) for w, _ in tests])
     paired = holm([None if p is None else two_sided(p) for _, p in tests])
@@ -105,14 +106,18 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
                _pm(sm["train_time_s"], 1), "(best)" if i == best else _shown_p(welch[i]),
                "" if i == best else _shown_p(paired[i])]
         if baseline:
-            row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base[i])]
+            # the mean of the per-seed differences: what a one-seed screen has in place of a p value
+            diffs = [r["loss"] - base_loss[r["seed"]] for r in records[i]["runs"] if r["seed"] in base_loss]
+            row += [f"{means[i] - base_mean:+.4f}", _shown_p(p_base[i]),
+                    f"{sum(diffs) / len(diffs):+.4f} ({len(diffs)})" if diffs else "n/a"]
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     name = (lambda v: v) if variants else (lambda v: f"{key} = {v}")
     what, one = ("variants", "variant") if variants else (f"values of {key}", "value")
     lines = [f"{len(values)} {what} ({records[0]['preset']}, {records[0]['budget']:,} tokens; the best {one}'s loss "
              f"against each other's: Welch's p and the paired test's over the shared seeds, and each one's against "
-             "the baseline, two-sided, each column Holm-adjusted):"]
+             "the baseline, two-sided, each column Holm-adjusted" + ("; same seeds: the mean difference from the baseline "
+             "on the seeds both ran (their count)" if baseline else "") + "):"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"best: {name(values[best])} (val loss {means[best]:.4f}); at p < {ALPHA:g} it beats "
                  + (", ".join(map(name, beaten)) if beaten else f"no other {one}"))

@@ -1,6 +1,7 @@
 """Speedrun: N seeded training runs of an LLM preset at a token budget, summarised (mean ± sample
 standard deviation), recorded under benchmarks/records/, optionally tested against a baseline
-record (Welch's one-sided t-test, better at p < 0.01), and the leaderboard regenerated.
+record (Welch's one-sided t-test, better at p < 0.01; with one run a side, a screen without a test),
+and the leaderboard regenerated.
 
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4 optim.muon_lr=0.03 \\
@@ -35,10 +36,11 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
-                          compare, comparison_lines, derive_label, extension_plan, format_budget, git_state, load_record,
-                          merge_records, merged_record, parse_budget, planned_data, read_records, read_run, require_runs,
+                          derive_label, extension_plan, format_budget, git_state, load_record,
+                          merge_records, merged_record, parse_budget, planned_data, read_records, read_run,
                           resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
+from llm.speedrun_screen import judge
 from llm.speedrun_sweep import parse_sweep, parse_variants, sweep_lines
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
@@ -189,11 +191,8 @@ def prepare(args: argparse.Namespace, code: Path, extending: tuple[str, dict] | 
     records = Path(args.records_dir)
     baseline = None
     if args.compare:  # everything that can refuse the comparison does so before hours of training
-        n_old = len(extending[1]["runs"]) if extending else 0
-        require_runs(args.runs + n_old, "this speedrun (--runs)")
-        baseline = load_record(args.compare)
+        baseline = load_record(args.compare)  # (fewer than 2 runs a side: a screen, not a test)
         check_comparable(baseline, config.stem, budget, args.compare, planned_data(config, data_from, args.overrides))
-        require_runs(len(baseline["runs"]), f"the baseline {args.compare}")
     check_writable(records, "records folder")
     return {"config": config, "preset": config.stem, "budget": budget, "data_from": data_from, "label": label,
             "records": records, "baseline": baseline}
@@ -249,8 +248,9 @@ def publish(record: dict, args: argparse.Namespace, baseline: dict | None, recor
     speedrun's record so far), its picture and the leaderboard."""
     print("\n".join(summary_lines(record)))
     if baseline is not None:
-        record["comparison"] = compare(baseline, record, args.compare, args.confidence / 100)
-        print("\n" + "\n".join(comparison_lines(record["comparison"])))
+        key, result, lines = judge(baseline, record, args.compare, args.confidence / 100)
+        record[key] = result
+        print("\n" + "\n".join(lines))
     path = write_record(record, records, created, replace)
     sides = [(args.compare, baseline)] if baseline is not None else []
     png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
@@ -320,10 +320,11 @@ def main() -> None:
             raise UserError("--compare with --candidate compares two records and trains nothing: drop "
                             + ", ".join(training + (["extend"] if args.extend else [])))
         base, new = load_record(args.compare), load_record(args.candidate)
-        result = compare(base, new, args.compare, args.confidence / 100)
-        print("\n".join(comparison_lines(result, "candidate")))
+        key, result, lines = judge(base, new, args.compare, args.confidence / 100, "candidate")
+        print("\n".join(lines))
         out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
-        print(f"picture: {plot_records([(args.compare, base), (args.candidate, new)], out, result)}")
+        picture = plot_records([(args.compare, base), (args.candidate, new)], out, result if key == "comparison" else None)
+        print(f"picture: {picture}")
     elif args.extend:
         if training or args.label or args.seed0 is not None:
             raise UserError("--extend takes the preset, budget, overrides, data, label and seeds from the record: "

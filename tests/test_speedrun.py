@@ -16,6 +16,7 @@ from scipy import stats as st
 from conftest import TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun import (SCHEMA, compare, comparison_lines, derive_label, format_budget, leaderboard, load_record,
                           parse_budget, resolve_preset)
+from llm.speedrun_screen import judge
 from shared.errors import UserError
 from shared.stats import mean_std, paired_less, welch_df, welch_less
 
@@ -72,6 +73,15 @@ def test_speedrun_end_to_end_with_comparison(tmp_path):
         assert path.with_suffix(".png").is_file() and f"([plot]({path.with_suffix('.png').name}))" in board
     again = run_script("speedrun.py", "--leaderboard", "--records_dir", str(records), cwd=tmp_path)
     assert again.returncode == 0 and (records / "LEADERBOARD.md").read_text() == board  # same records, same bytes
+
+    # one run against the baseline: a screen (same seed, place in the spread), recorded, no test
+    one = run_script("speedrun.py", *common[:5], "1", *common[6:], *TINY, "optim.adam_lr=0.02", "--label", "screen",
+                     "--compare", str(first), cwd=tmp_path, env_extra=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"screened against {first.name} (baseline): no test" in one.stdout and "same seed (0)" in one.stdout
+    (third,) = records.glob("debug-2048-screen-*.json")
+    rec = json.loads(third.read_text())
+    assert "comparison" not in rec and rec["screen"]["n_new"] == 1 and rec["screen"]["same_seeds"]["seeds"] == [0]
 
 
 def test_known_verdicts_on_synthetic_records(tmp_path):
@@ -142,6 +152,28 @@ def test_the_paired_test_against_scipy_and_in_the_comparison(tmp_path):
     assert "loss_paired" not in compare(a, b, "a.json")
 
 
+def test_one_run_against_a_baseline_is_a_screen_without_a_p_value(tmp_path):
+    """One run is the usual first look at an option: it gets its loss beside the baseline's on the
+    same seed and its place in the baseline's spread, never a test (compare still refuses it)."""
+    b = json.loads(synthetic(tmp_path / "b.json", "base", [3.00, 3.02, 2.98, 3.04], [1.0] * 4).read_text())
+    one = json.loads(synthetic(tmp_path / "one.json", "one", [2.95], [1.0]).read_text())
+    key, s, lines = judge(b, one, "b.json")
+    assert key == "screen" and "p" not in s and s["position"] == "below" and s["n_new"] == 1
+    assert s["same_seeds"] == {"seeds": [0], "diff": pytest.approx(-0.05)}
+    assert s["diff"] == pytest.approx(2.95 - 3.01) and s["range_base"] == [2.98, 3.04]
+    assert "no test" in lines[0] and "same seed (0): difference -0.0500" in lines[2]
+    assert "below the baseline's whole range" in lines[-1] and "--extend" in lines[-1]
+    inside = {**one, "runs": [{**one["runs"][0], "seed": 7, "loss": 3.01}]}  # a seed the baseline lacks
+    key, s, lines = judge(b, inside, "b.json")
+    assert s["position"] == "inside" and "same_seeds" not in s and len(lines) == 3
+    assert judge(b, {**one, "runs": [{**one["runs"][0], "loss": 3.1}]}, "b.json")[1]["position"] == "above"
+    assert judge(b, b, "b.json")[0] == "comparison"  # two or more a side: the test
+    with pytest.raises(UserError, match=">= 2 runs"):
+        compare(b, one, "b.json")
+    with pytest.raises(UserError, match="cannot compare"):
+        judge(b, {**one, "budget": 4096}, "b.json")
+
+
 @pytest.mark.parametrize("text,tokens", [("8M", 8_000_000), ("20M", 20_000_000), ("100M", 100_000_000), ("1B", 10**9),
                                          ("500k", 500_000), ("0.5M", 500_000), ("2048", 2048), ("20_000_000", 20_000_000)])
 def test_budget_parsing(text, tokens):
@@ -169,7 +201,6 @@ def test_bad_input_is_one_clear_line(tmp_path):
     cases = [
         (["--preset", "debug", "--budget", "8Q"], ["bad budget", "8Q"]),
         ([*train, "--runs", "0"], ["--runs"]),
-        ([*train, "--runs", "1", "--compare", str(base)], [">= 2 runs"]),
         ([*train, "--runs", "2", "--compare", str(tmp_path / "corrupt.json")], ["corrupt", "corrupt.json"]),
         (["--compare", str(base), "--candidate", str(other)], ["cannot compare", "4,096"]),
         ([*train, "--runs", "2", "train.seed=3"], ["--seed0"]),

@@ -52,6 +52,9 @@ def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baselin
 
     one = sweep_lines("optim.muon_lr", values[:2], [record("a", [3.0]), record("b", [2.9])])
     assert "n/a" in one[2] and one[-1].endswith("it beats no other value")  # one seed a value tests nothing
+    screens = sweep_lines("optim.muon_lr", values[:2], [record("a", [3.0]), record("b", [2.9])], base)
+    assert screens[3].split()[-4:] == ["-0.0600", "n/a", "-0.0500", "(1)"]  # vs the mean; vs the same seed (seed 0)
+    assert "same seeds: the mean difference" in screens[0] and screens[-2].endswith(": none")
     for vals, name in ((values, "numeric.png"), (['"relu2"', '"swiglu"', '"gelu"'], "named.png"),
                       (["1.0", "inf", "nan"], "infinite.png")):  # not finite: in order, as names
         out = plot_sweep("optim.muon_lr", vals, records, tmp_path / name, base)
