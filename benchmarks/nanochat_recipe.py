@@ -43,7 +43,7 @@ from llm.data import open_text_data
 from llm.speedrun import (build_record, check_comparable, format_budget, git_state, load_record, parse_budget,
                           planned_data, read_run, resolve_preset, summary_lines, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records
-from llm.speedrun_screen import judge
+from llm.speedrun_screen import judge, picture_title
 from llm.task import LanguageModelTask
 from shared.config import dump_toml, load_config, to_dict
 from shared.errors import UserError, run_main
@@ -385,7 +385,7 @@ def main() -> None:
         print("\n" + "\n".join(lines))
     path = write_record(record, Path(args.records_dir), created)
     sides = [(args.compare, baseline)] if baseline is not None else []
-    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
+    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), **picture_title(record))
     print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(Path(args.records_dir))}")
 
 

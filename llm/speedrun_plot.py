@@ -42,11 +42,12 @@ def _save(fig, out_png: Path) -> Path:
     return Path(out_png)
 
 
-def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dict | None = None) -> Path:
+def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dict | None = None,
+                 title: str | None = None) -> Path:
     """One PNG of one record or of a baseline and a candidate ((name, record) pairs, baseline first):
     left, every run's validation curve thin (its training curve dashed) with the mean ± sd across seeds; right, each record's
     final losses (one dot a run) with its mean. `comparison` (llm.speedrun.compare) puts the
-    loss verdict in the title."""
+    loss verdict in the title; else `title` (a screen's) is there."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +85,7 @@ def plot_records(records: list[tuple[str, dict]], out_png: Path, comparison: dic
     final_ax.set_xlim(-0.6, len(records) - 0.4)
     final_ax.set_ylabel("final validation loss")
     final_ax.grid(alpha=0.3, axis="y")
-    final_ax.set_title(verdict("loss", comparison["loss"], comparison["alpha"]) if comparison else "final losses",
+    final_ax.set_title(verdict("loss", comparison["loss"], comparison["alpha"]) if comparison else title or "final losses",
                        fontsize=9)
     return _save(fig, out_png)
 

@@ -14,39 +14,60 @@ from .speedrun import check_comparable, compare, comparison_lines, record_data
 
 
 def screen(base: dict, new: dict, base_name: str) -> dict:
-    """The screen of record `new` against `base` (same budget and data, as for a test)."""
+    """The screen of record `new` against `base` (same budget and data, as for a test). `position`
+    places new's mean in base's range over its runs; None when base has one run (no range)."""
     check_comparable(base, new["preset"], new["budget"], base_name, record_data(new))
-    base_loss, new_loss = ({r["seed"]: r["loss"] for r in rec["runs"]} for rec in (base, new))
-    seeds = sorted(set(base_loss) & set(new_loss))
-    base_mean, base_sd = mean_std(list(base_loss.values()))
-    new_mean, _ = mean_std(list(new_loss.values()))
-    low, high = min(base_loss.values()), max(base_loss.values())
-    out = {"baseline": Path(base_name).name, "baseline_label": base["label"],
-           "test": "none: a screen (a test needs 2 or more runs a side)",
-           "n_base": len(base_loss), "n_new": len(new_loss), "mean_base": base_mean, "sd_base": base_sd,
-           "range_base": [low, high], "mean_new": new_mean, "diff": new_mean - base_mean,
-           "position": "below" if new_mean < low else "above" if new_mean > high else "inside"}
-    if seeds:
-        diffs = [new_loss[s] - base_loss[s] for s in seeds]
-        out["same_seeds"] = {"seeds": seeds, "diff": sum(diffs) / len(diffs)}
+    base_runs, new_runs = [r["loss"] for r in base["runs"]], [r["loss"] for r in new["runs"]]
+    base_mean, base_sd = mean_std(base_runs)
+    new_mean, _ = mean_std(new_runs)
+    low, high = min(base_runs), max(base_runs)
+    position = None if len(base_runs) < 2 else "below" if new_mean < low else "above" if new_mean > high else "inside"
+    out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
+           "test": "none: a screen (a test needs 2 or more runs on each side)",
+           "n_base": len(base_runs), "n_new": len(new_runs), "mean_base": base_mean, "sd_base": base_sd,
+           "range_base": [low, high], "mean_new": new_mean, "diff": new_mean - base_mean, "position": position}
+    base_loss = {r["seed"]: r["loss"] for r in base["runs"]}
+    if diffs := [r["loss"] - base_loss[r["seed"]] for r in new["runs"] if r["seed"] in base_loss]:
+        out["same_seeds"] = {"seeds": sorted(r["seed"] for r in new["runs"] if r["seed"] in base_loss),
+                             "diff": sum(diffs) / len(diffs)}
     return out
 
 
 def screen_lines(s: dict) -> list[str]:
     spread = f" ± {s['sd_base']:.4f}" if s["sd_base"] is not None else ""
+    this = "this run" if s["n_new"] == 1 else f"this record's mean (n={s['n_new']})"
     lines = [f"screened against {s['baseline']} ({s['baseline_label']}): no test, a screen "
-             f"({s['n_new']} run{'s' if s['n_new'] > 1 else ''} here, {s['n_base']} there; a test needs 2 or more a side)",
-             f"  baseline {s['mean_base']:.4f}{spread} (n={s['n_base']}, range {s['range_base'][0]:.4f} to "
-             f"{s['range_base'][1]:.4f}); this {s['mean_new']:.4f}, difference {s['diff']:+.4f}"]
+             f"({s['n_new']} run{'s' if s['n_new'] > 1 else ''} here, {s['n_base']} there; a test needs 2 or more "
+             "on each side)",
+             f"  baseline {s['mean_base']:.4f}{spread} (n={s['n_base']}"
+             + (f", range {s['range_base'][0]:.4f} to {s['range_base'][1]:.4f}" if s["n_base"] > 1 else "")
+             + f"); {this} {s['mean_new']:.4f}, difference {s['diff']:+.4f}"]
     if same := s.get("same_seeds"):
         which = ", ".join(map(str, same["seeds"]))
         lines.append(f"  on the same seed{'s' if len(same['seeds']) > 1 else ''} ({which}): difference {same['diff']:+.4f}")
+    if s["position"] is None:
+        lines.append("  the baseline has one run, so no range to place this in: --extend the baseline for one; "
+                     "a screen decides nothing")
+        return lines
     where = {"below": "below the baseline's whole range", "above": "above the baseline's whole range",
              "inside": "inside the baseline's range"}[s["position"]]
-    advice = "a candidate to --extend to 3 or more seeds" if s["position"] == "below" else \
-        "nothing to extend unless another reason says so" if s["position"] == "inside" else "worse at this seed"
-    lines.append(f"  {where}: {advice}; a screen decides nothing")
+    more = "--extend it to 3 or more runs for a test" if s["n_new"] < 2 else "--extend the baseline for a test"
+    advice = {"below": f"a candidate: {more}", "inside": "within the baseline's seed-to-seed spread",
+              "above": "above every baseline run"}[s["position"]]
+    lines.append(f"  {this} is {where}: {advice}; a screen decides nothing")
     return lines
+
+
+def screen_title(s: dict) -> str:
+    """The screen in a few words, for a picture's title."""
+    where = "one baseline run" if s["position"] is None else f"{s['position']} the baseline's range"
+    same = f", same seeds {s['same_seeds']['diff']:+.4f}" if s.get("same_seeds") else ""
+    return f"screen, no test: {where}{same}"
+
+
+def picture_title(record: dict) -> dict:
+    """plot_records' keywords for a record's test (the verdict) or screen (its words)."""
+    return {"title": screen_title(record["screen"])} if "screen" in record else {"comparison": record.get("comparison")}
 
 
 def judge(base: dict, new: dict, base_name: str, confidence: float = 0.95,

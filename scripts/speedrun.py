@@ -1,7 +1,7 @@
 """Speedrun: N seeded training runs of an LLM preset at a token budget, summarised (mean ± sample
 standard deviation), recorded under benchmarks/records/, optionally tested against a baseline
-record (Welch's one-sided t-test, better at p < 0.01; with one run a side, a screen without a test),
-and the leaderboard regenerated.
+record (Welch's one-sided t-test, better at p < 0.01; under 2 runs on either side, a screen without a
+test), and the leaderboard regenerated.
 
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4 optim.muon_lr=0.03 \\
@@ -40,7 +40,7 @@ from llm.speedrun import (build_record, check_comparable, check_config, check_la
                           merge_records, merged_record, parse_budget, planned_data, read_records, read_run,
                           resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
-from llm.speedrun_screen import judge
+from llm.speedrun_screen import judge, picture_title
 from llm.speedrun_sweep import parse_sweep, parse_variants, sweep_lines
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
@@ -253,7 +253,7 @@ def publish(record: dict, args: argparse.Namespace, baseline: dict | None, recor
         print("\n" + "\n".join(lines))
     path = write_record(record, records, created, replace)
     sides = [(args.compare, baseline)] if baseline is not None else []
-    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), record.get("comparison"))
+    png = plot_records([*sides, (path.name, record)], path.with_suffix(".png"), **picture_title(record))
     print(f"\nrecord: {path}\npicture: {png}\nleaderboard: {write_leaderboard(records)}")
     return path
 
@@ -278,7 +278,8 @@ def main() -> None:
                    "--preset blueberry-88m --data_from 5dollar-88m: Blueberry's recipe on 5-dollar-llm's benchmark")
     p.add_argument("--runs_dir", default="runs", help="run folders go to <runs_dir>/speedrun/<record name>/seed<k>")
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
-    p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against")
+    p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against "
+                   "(under 2 runs on either side: a screen, no test)")
     p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
                    "and data, trained by its commit's code in a temporary git worktree of that commit): the new record "
                    "holds all of its runs")
@@ -323,7 +324,7 @@ def main() -> None:
         key, result, lines = judge(base, new, args.compare, args.confidence / 100, "candidate")
         print("\n".join(lines))
         out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
-        picture = plot_records([(args.compare, base), (args.candidate, new)], out, result if key == "comparison" else None)
+        picture = plot_records([(args.compare, base), (args.candidate, new)], out, **picture_title({key: result}))
         print(f"picture: {picture}")
     elif args.extend:
         if training or args.label or args.seed0 is not None:

@@ -16,7 +16,7 @@ from scipy import stats as st
 from conftest import TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun import (SCHEMA, compare, comparison_lines, derive_label, format_budget, leaderboard, load_record,
                           parse_budget, resolve_preset)
-from llm.speedrun_screen import judge
+from llm.speedrun_screen import judge, screen_title
 from shared.errors import UserError
 from shared.stats import mean_std, paired_less, welch_df, welch_less
 
@@ -158,7 +158,7 @@ def test_one_run_against_a_baseline_is_a_screen_without_a_p_value(tmp_path):
     b = json.loads(synthetic(tmp_path / "b.json", "base", [3.00, 3.02, 2.98, 3.04], [1.0] * 4).read_text())
     one = json.loads(synthetic(tmp_path / "one.json", "one", [2.95], [1.0]).read_text())
     key, s, lines = judge(b, one, "b.json")
-    assert key == "screen" and "p" not in s and s["position"] == "below" and s["n_new"] == 1
+    assert key == "screen" and not {"loss", "time", "alpha"} & set(s) and s["position"] == "below" and s["n_new"] == 1
     assert s["same_seeds"] == {"seeds": [0], "diff": pytest.approx(-0.05)}
     assert s["diff"] == pytest.approx(2.95 - 3.01) and s["range_base"] == [2.98, 3.04]
     assert "no test" in lines[0] and "same seed (0): difference -0.0500" in lines[2]
@@ -168,10 +168,24 @@ def test_one_run_against_a_baseline_is_a_screen_without_a_p_value(tmp_path):
     assert s["position"] == "inside" and "same_seeds" not in s and len(lines) == 3
     assert judge(b, {**one, "runs": [{**one["runs"][0], "loss": 3.1}]}, "b.json")[1]["position"] == "above"
     assert judge(b, b, "b.json")[0] == "comparison"  # two or more a side: the test
+    key, s, lines = judge(one, b, "one.json")  # a one-run baseline: a screen too, with no range to place in
+    assert key == "screen" and s["position"] is None and "no range" in lines[-1] and "--extend the baseline" in lines[-1]
+    assert judge(one, one, "one.json")[1]["same_seeds"]["diff"] == 0.0
     with pytest.raises(UserError, match=">= 2 runs"):
         compare(b, one, "b.json")
     with pytest.raises(UserError, match="cannot compare"):
         judge(b, {**one, "budget": 4096}, "b.json")
+
+
+def test_candidate_with_one_run_prints_a_screen_and_titles_its_picture(tmp_path):
+    base = synthetic(tmp_path / "base.json", "base", [3.00, 3.02, 2.98], [1.0] * 3)
+    one = synthetic(tmp_path / "one.json", "one", [3.10], [1.0])
+    proc = run_script("speedrun.py", "--compare", str(base), "--candidate", str(one), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "screened against base.json (base): no test" in proc.stdout and "above the baseline's whole range" in proc.stdout
+    assert (tmp_path / "one-vs-base.png").stat().st_size > 10_000
+    assert screen_title(judge(*(json.loads(p.read_text()) for p in (base, one)), "base.json")[1]) == \
+        "screen, no test: above the baseline's range, same seeds +0.1000"
 
 
 @pytest.mark.parametrize("text,tokens", [("8M", 8_000_000), ("20M", 20_000_000), ("100M", 100_000_000), ("1B", 10**9),
