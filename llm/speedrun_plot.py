@@ -135,6 +135,7 @@ def plot_sweep(key: str, values: list[str], records: list[dict], out_png: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     first = records[0]
-    ax.set_title(f"{first['preset']}, {format_budget(first['budget'])} tokens: {key} "
-                 f"(n={min(len(r['runs']) for r in records)} seeds each)", fontsize=10)
+    counts = sorted({len(r["runs"]) for r in records})
+    seeds = f"n={counts[0]} seeds each" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]} seeds"
+    ax.set_title(f"{first['preset']}, {format_budget(first['budget'])} tokens: {key} ({seeds})", fontsize=10)
     return _save(fig, out_png)

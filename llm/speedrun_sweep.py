@@ -113,7 +113,7 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     name = (lambda v: v) if variants else (lambda v: f"{key} = {v}")
-    what, one = ("variants", "variant") if variants else (f"values of {key}", "value")
+    what, one = (f"{key}s", key) if variants else (f"values of {key}", "value")  # key: "variant", "record"
     lines = [f"{len(values)} {what} ({records[0]['preset']}, {records[0]['budget']:,} tokens; the best {one}'s loss "
              f"against each other's: Welch's p and the paired test's over the shared seeds, and each one's against "
              "the baseline, two-sided, each column Holm-adjusted" + ("; same seeds: the mean difference from the baseline "

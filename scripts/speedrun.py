@@ -8,6 +8,7 @@ test), and the leaderboard regenerated.
         --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
     python scripts/speedrun.py --extend NEW.json --runs 2 --compare BASE.json  # 2 more seeds of NEW, tested again
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
+    python scripts/speedrun.py --compare BASE.json --candidate A.json B.json C.json  # side by side, as a sweep
     python scripts/speedrun.py --merge NEW.json NEW-seeds34.json --compare BASE.json  # one record of both's seeds
     python scripts/speedrun.py --preset cpu-16m --budget 1M --runs 3 --sweep optim.muon_lr=0.01,0.02,0.04  # a record a value
     python scripts/speedrun.py --preset cpu-16m --budget 1M --runs 3 --variant 'no-smear: model.smear=false' \\
@@ -36,8 +37,8 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, ahead of any installed copy
 
 from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
-                          derive_label, extension_plan, format_budget, git_state, load_record,
-                          merge_records, merged_record, parse_budget, planned_data, read_records, read_run,
+                          derive_label, extension_plan, format_budget, git_state, load_record, merge_records,
+                          merged_record, parse_budget, planned_data, read_records, read_run, record_data,
                           resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
 from llm.speedrun_screen import judge, picture_title
@@ -267,6 +268,29 @@ def merge(args: argparse.Namespace) -> None:
     publish(record, args, load_record(args.compare) if args.compare else None, records, created)
 
 
+def candidates(args: argparse.Namespace, base: dict) -> None:
+    """--compare BASE --candidate ...: one record's test (or screen) and picture; several records side
+    by side (each one's against the baseline, the best's against the others), as a --variant table."""
+    if len(set(args.candidate)) < len(args.candidate):
+        raise UserError("--candidate: a record is given twice")
+    named = [(name, load_record(name)) for name in args.candidate]
+    if len(named) == 1:
+        (name, new), = named
+        key, result, lines = judge(base, new, args.compare, args.confidence / 100, "candidate")
+        print("\n".join(lines))
+        out = Path(name).with_name(f"{Path(name).stem}-vs-{Path(args.compare).stem}.png")
+        print(f"picture: {plot_records([(args.compare, base), (name, new)], out, **picture_title({key: result}))}")
+        return
+    for name, new in named:
+        check_comparable(base, new["preset"], new["budget"], args.compare, record_data(new))
+    labels = [rec["label"] for _, rec in named]
+    values = labels if len(set(labels)) == len(labels) else [Path(name).stem for name, _ in named]
+    records = [rec for _, rec in named]
+    print("\n".join(sweep_lines("record", values, records, (args.compare, base), variants=True)))
+    out = Path(args.candidate[0]).with_name(f"{Path(args.compare).stem}-vs-{len(named)}-records.png")
+    print(f"picture: {plot_sweep('record', values, records, out, (args.compare, base))}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a name in configs/llm/ (debug, blueberry-88m, 5dollar-88m, ...) or a .toml path")
@@ -283,7 +307,8 @@ def main() -> None:
     p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
                    "and data, trained by its commit's code in a temporary git worktree of that commit): the new record "
                    "holds all of its runs")
-    p.add_argument("--candidate", metavar="RECORD", help="with --compare: compare two existing records, train nothing")
+    p.add_argument("--candidate", metavar="RECORD", nargs="+", help="with --compare: compare existing records with "
+                   "the baseline, train nothing; two or more: side by side, as --variant's table and picture")
     p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
                    "one training code, distinct seeds), train nothing; with --compare, test it")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one speedrun (one record, --runs seeds) per value of "
@@ -320,12 +345,7 @@ def main() -> None:
         if training or args.extend:
             raise UserError("--compare with --candidate compares two records and trains nothing: drop "
                             + ", ".join(training + (["extend"] if args.extend else [])))
-        base, new = load_record(args.compare), load_record(args.candidate)
-        key, result, lines = judge(base, new, args.compare, args.confidence / 100, "candidate")
-        print("\n".join(lines))
-        out = Path(args.candidate).with_name(f"{Path(args.candidate).stem}-vs-{Path(args.compare).stem}.png")
-        picture = plot_records([(args.compare, base), (args.candidate, new)], out, **picture_title({key: result}))
-        print(f"picture: {picture}")
+        candidates(args, load_record(args.compare))
     elif args.extend:
         if training or args.label or args.seed0 is not None:
             raise UserError("--extend takes the preset, budget, overrides, data, label and seeds from the record: "

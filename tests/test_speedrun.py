@@ -187,6 +187,19 @@ def test_candidate_with_one_run_prints_a_screen_and_titles_its_picture(tmp_path)
     assert screen_title(judge(*(json.loads(p.read_text()) for p in (base, one)), "base.json")[1]) == \
         "screen, no test: above the baseline's range, same seeds +0.1000"
 
+    # several records side by side, as a --variant table: each against the baseline, the best against the others
+    low = synthetic(tmp_path / "low.json", "low", [2.80, 2.81, 2.79], [1.0] * 3)
+    table = run_script("speedrun.py", "--compare", str(base), "--candidate", str(one), str(low), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[2:4]}
+    assert table.stdout.startswith("2 records (debug") and rows["low"].split()[:2] == ["low", "*"]
+    assert rows["one"].split()[-2:] == ["+0.1000", "(1)"]  # same seed (0): 3.10 - 3.00
+    assert f"below the baseline {base} at p < 0.01: low" in table.stdout
+    assert (tmp_path / "base-vs-2-records.png").stat().st_size > 10_000
+    other = synthetic(tmp_path / "other.json", "other", [3.0, 3.1], [1.0, 1.1], budget=4096)
+    for extra, words in (([str(low), str(low)], ["given twice"]), ([str(low), str(other)], ["cannot compare", "4,096"])):
+        assert_one_line_error(run_script("speedrun.py", "--compare", str(base), "--candidate", *extra, cwd=tmp_path), *words)
+
 
 @pytest.mark.parametrize("text,tokens", [("8M", 8_000_000), ("20M", 20_000_000), ("100M", 100_000_000), ("1B", 10**9),
                                          ("500k", 500_000), ("0.5M", 500_000), ("2048", 2048), ("20_000_000", 20_000_000)])
