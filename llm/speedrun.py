@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, from_dict, load_toml, renamed
+from shared.cpuload import shared_note
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
 from shared.stats import mean_std, paired_less, welch_less
@@ -170,7 +171,8 @@ def read_run(run_dir: Path, seed: int, shown: str | None = None) -> dict:
         ev = summary["final_eval"]
         figures = {"seed": seed, "loss": ev["loss"], "accuracy": ev.get("accuracy"), "perplexity": ev.get("perplexity"),
                    "train_time_s": summary["train_time_s"], "compile_warmup_s": summary.get("compile_warmup_s"),
-                   "tokens_per_s": summary.get("tokens_per_s"), "steps": summary["steps"], "tokens": summary.get("tokens"),
+                   "tokens_per_s": summary.get("tokens_per_s"), "cpu_others": summary.get("cpu_others"),
+                   "steps": summary["steps"], "tokens": summary.get("tokens"),
                    "params": summary.get("params"), "run_dir": shown or run_dir.name}
     except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"run folder {run_dir} is incomplete or corrupt: {e!r}") from None
@@ -677,7 +679,16 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
         ours = {r["seed"]: r["loss"] for r in new["runs"]}
         pt = paired_less([ours[s] for s in seeds], [by_seed[s] for s in seeds], confidence)
         out["loss_paired"] = {**pt.to_dict(), "seeds": seeds, "better": pt.p < ALPHA}
+    shared = {side: shared_seeds(rec) for side, rec in (("baseline", base), ("new", new))}
+    if any(shared.values()):
+        out["shared_cpu"] = shared
     return out
+
+
+def shared_seeds(record: dict) -> dict[int, float]:
+    """seed -> others' CPU share of the runs that trained on a shared machine (shared/cpuload.py);
+    records made before it was measured name none."""
+    return {r["seed"]: r["cpu_others"] for r in record["runs"] if shared_note(r.get("cpu_others"))}
 
 
 def _p(p: float) -> str:
@@ -694,6 +705,11 @@ def comparison_lines(cmp: dict, new_name: str = "new") -> list[str]:
     lines = [f"compared with {cmp['baseline']} ({cmp['baseline_label']}): {cmp['test']}"]
     if not cmp["same_hardware"]:
         lines.append("warning: the two records ran on different hardware; the time comparison is across hardware")
+    for side, seeds in cmp.get("shared_cpu", {}).items():
+        if seeds:
+            shares = ", ".join(f"seed {k} {v:.0%}" for k, v in sorted(seeds.items(), key=lambda kv: int(kv[0])))
+            lines.append(f"warning: {'the baseline' if side == 'baseline' else new_name} trained beside other processes "
+                         f"({shares} of the CPU): its time is not the recipe's alone")
     level = f"{cmp['loss']['confidence'] * 100:g}% CI"
     header = ["", f"baseline (n={cmp['loss']['n_base']})", f"{new_name} (n={cmp['loss']['n_new']})", "difference",
               level, "Hedges' g", "p"]
@@ -730,6 +746,9 @@ def summary_lines(record: dict) -> list[str]:
     s = summarise(record["runs"])
     rows = [("val loss", _pm(s["loss"], 4) + f" (n={s['loss']['n']})"), ("val accuracy", _pm(s["accuracy"], 4)),
             ("val perplexity", _pm(s["perplexity"], 2)), ("train time", _pm(s["train_time_s"], 2) + " s (compile excluded)")]
+    if shared := shared_seeds(record):
+        rows.append(("shared CPU", ", ".join(f"seed {k}: others used {v:.0%}" for k, v in shared.items())
+                     + " (its time is not the recipe's alone)"))
     width = max(len(k) for k, _ in rows) + 2
     return [f"{k:<{width}}{v}" for k, v in rows]
 
@@ -785,7 +804,7 @@ def leaderboard(records_dir: Path) -> str:
                 overrides = f"`--data_from {rec['data_from']}` " + (overrides if rec.get("overrides") else "")
             what, split = data_words(record_data(rec), rec)
             cells = [str(rank), rec["preset"], rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
-                     _pm(s["train_time_s"], 2), what, split, hardware_string(rec.get("hardware")), commit,
+                     _pm(s["train_time_s"], 2) + (" (shared CPU)" if shared_seeds(rec) else ""), what, split, hardware_string(rec.get("hardware")), commit,
                      str(rec.get("created", ""))[:10], _record_links(records_dir, name), overrides.strip()]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from . import distributed
 from .checkpoint import LATEST, load_state, resolve_checkpoint, write_file_atomic
 from .config import apply_overrides, dump_toml, from_dict, load_toml, renamed, to_dict
+from .cpuload import shared_note
 from .errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -358,6 +359,8 @@ def report(summary: dict, run_dir: Path, lines: list[tuple[str, str]]) -> None:
     if summary["compile_warmup_s"]:
         time_line += f" (+{summary['compile_warmup_s']:.1f} s {'compile ' if summary['compile'] else ''}warm-up)"
     rate = summary[f"{unit}_per_s"]
+    if note := shared_note(summary.get("cpu_others")):
+        time_line += f" ({note}: a shared machine's speed)"
     lines = lines + [("training time", time_line), (f"{unit}/s", f"{rate:,.0f}" if rate else "n/a"),
                      (f"{unit} seen", f"{summary[unit]:,}"), ("summary", str(run_dir / "summary.json"))]
     width = max(len(label) for label, _ in lines) + 2

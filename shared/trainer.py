@@ -41,6 +41,7 @@ from .checkpoint import (
     write_file_atomic,
 )
 from .config import load_toml
+from .cpuload import OtherLoad
 from .contracts import BatchSource, ModelHooks, Task
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
@@ -176,10 +177,12 @@ class StepTimer:
     """Training time, measured between logging points (the GPU runs ahead in between, so the
     device is synchronised before each reading). The first interval after `warming` is set counts
     as warm-up (compilation); evaluation, samples and checkpoints fall between `lap` and `start`
-    and are never counted. `rate` is the units per second since the last call."""
+    and are never counted. `rate` is the units per second since the last call. `others` counts
+    what other processes took of the CPU over the training time (shared/cpuload.py)."""
 
     def __init__(self, sync: Callable[[], None]):
         self.sync = sync
+        self.others = OtherLoad()
         self.train_time = self.warmup_time = 0.0
         self.units = 0  # units trained in train_time
         self.warming = False
@@ -189,6 +192,8 @@ class StepTimer:
     def start(self) -> None:
         self.sync()
         self._mark = time.perf_counter()
+        if not self.warming:
+            self.others.start()
 
     def stepped(self, units: int) -> None:
         self._pending += units
@@ -200,6 +205,7 @@ class StepTimer:
             self.warmup_time += dt
             self.warming = False
         else:
+            self.others.stop()
             self.train_time += dt
             self.units += self._pending
             self._window_units += self._pending
@@ -250,7 +256,7 @@ class Trainer:
         # optimiser states first: under FSDP gathering them is a collective every rank joins
         state = {"optimizers": [parallel.optimizer_state(self.model, o) for o in self.optimizers],
                  "step": self.step, "train_time": self.timer.train_time, "compile_time": self.timer.warmup_time,
-                 "timed_units": self.timer.units, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "timed_units": self.timer.units, "others_cpu_s": self.timer.others.other_s, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
                  "units_per_step": self.units_per_step, "skipped": self.skipped, "sharded": self.sharded,
                  "world_size": self.dist.world}
         if self.device.type == "cuda":
@@ -317,6 +323,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         self.timer.train_time, self.timer.warmup_time, self.timer.units = state["train_time"], state["compile_time"], state["timed_units"]
+        self.timer.others.other_s = state.get("others_cpu_s")  # absent in checkpoints written before it was measured
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,6 +550,7 @@ class Trainer:
             "train_time_s": round(self.timer.train_time, 3),
             "compile_warmup_s": round(self.timer.warmup_time, 3),
             f"{unit}_per_s": round(self.timer.units / self.timer.train_time, 1) if self.timer.train_time > 0 else None,
+            "cpu_others": self.timer.others.share(self.timer.train_time),
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update

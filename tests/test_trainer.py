@@ -81,6 +81,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, ema=0.9):
     assert losses(ref, "eval") == losses(tmp_path / "full", "eval")
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 256
+    assert 0 <= summary["cpu_others"] <= 1  # carried through the checkpoint (None if the resume had lost it)
     assert (ref / "loss_curve.png").stat().st_size > 1000
 
 
