@@ -138,18 +138,38 @@ def hardware_string(hw: dict | None) -> str:
             f"({hw.get('cpu_threads', '?')} threads)").replace("  ", " ")
 
 
-def hardware_differs(a: dict | None, b: dict | None) -> str | None:
+# The seeds of one record may come from CPUs of different models when device, architecture, vector
+# ISA and threads agree: the same kernels run, so a seed's loss is the same up to rounding, while
+# its time is not. Such a record keeps each run's CPU model, names none in its hardware, and its
+# time is compared as across hardware (the workplace's machines vary from session to session).
+SEED_HARDWARE_KEYS = tuple(k for k in HARDWARE_KEYS if k != "cpu_model")
+
+
+def hardware_differs(a: dict | None, b: dict | None, keys: tuple[str, ...] = HARDWARE_KEYS) -> str | None:
     """The first machine field two hardware tables both state and disagree on, or None."""
     a, b = a or {}, b or {}
-    return next((k for k in HARDWARE_KEYS if k in a and k in b and a[k] != b[k]), None)
+    return next((k for k in keys if k in a and k in b and a[k] != b[k]), None)
 
 
 def common_hardware(old: dict | None, new: dict | None) -> dict | None:
     """A merged record's hardware: the new runs' table less the machine fields the old runs did not
-    record, so that seeds from an unnamed CPU are not labelled with the new one's name."""
+    record or recorded otherwise, so that seeds from an unnamed CPU are not labelled with the new
+    one's name, nor seeds from two CPU models with one of them."""
     if old is None or new is None:
         return new
-    return {k: v for k, v in new.items() if k not in HARDWARE_KEYS or k in old}
+    return {k: v for k, v in new.items() if k not in HARDWARE_KEYS or (k in old and old[k] == v)}
+
+
+def with_cpu_models(record: dict) -> list[dict]:
+    """The record's runs, each naming the CPU model it ran on where the record knows it."""
+    model = (record.get("hardware") or {}).get("cpu_model")
+    return [{**r, "cpu_model": r.get("cpu_model") or model} if r.get("cpu_model") or model else r for r in record["runs"]]
+
+
+def mixed_cpu_models(record: dict) -> list[str]:
+    """The CPU models of a record whose seeds ran on more than one ([] otherwise)."""
+    models = sorted({r["cpu_model"] for r in record["runs"] if r.get("cpu_model")})
+    return models if len(models) > 1 else []
 
 
 def _subsample(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
@@ -172,6 +192,7 @@ def read_run(run_dir: Path, seed: int, shown: str | None = None) -> dict:
         figures = {"seed": seed, "loss": ev["loss"], "accuracy": ev.get("accuracy"), "perplexity": ev.get("perplexity"),
                    "train_time_s": summary["train_time_s"], "compile_warmup_s": summary.get("compile_warmup_s"),
                    "tokens_per_s": summary.get("tokens_per_s"), "cpu_others": summary.get("cpu_others"),
+                   "cpu_model": (summary.get("hardware") or {}).get("cpu_model"),
                    "steps": summary["steps"], "tokens": summary.get("tokens"),
                    "params": summary.get("params"), "run_dir": shown or run_dir.name}
     except (OSError, KeyError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
@@ -461,7 +482,7 @@ def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -
                         f"{_shown(old.get(differ[0]))}")
     if (record.get("data") or {}).get("sha256") != (run.get("data") or {}).get("sha256"):
         raise UserError(f"cannot {verb} {name}: the new run read data of another content than the record's runs")
-    if (field := hardware_differs(record.get("hardware"), run.get("hardware"))) is not None:
+    if (field := hardware_differs(record.get("hardware"), run.get("hardware"), SEED_HARDWARE_KEYS)) is not None:
         raise UserError(f"cannot {verb} {name}: its runs ran on {hardware_string(record.get('hardware'))}, this one on "
                         f"{hardware_string(run.get('hardware'))} (hardware.{field} differs)")
 
@@ -469,7 +490,7 @@ def check_same_setup(record: dict, run: dict, name: str, verb: str = "extend") -
 def merged_record(old: dict, new: dict, old_name: str) -> dict:
     """The record of an extension: the old record's runs and curves, then the new ones; `extends`
     names the record it supersedes (the leaderboard then shows only the merged one)."""
-    runs, curves = [*old["runs"], *new["runs"]], [*old.get("curves", []), *new["curves"]]
+    runs, curves = [*with_cpu_models(old), *with_cpu_models(new)], [*old.get("curves", []), *new["curves"]]
     return {**new, "runs": runs, "curves": curves, "summary": summarise(runs), "extends": Path(old_name).name,
             "hardware": common_hardware(old.get("hardware"), new.get("hardware"))}
 
@@ -505,7 +526,7 @@ def merge_records(named: list[tuple[str, dict]], root: Path) -> dict:
             if r["seed"] in seen:
                 raise UserError(f"cannot merge {name}: seed {r['seed']} is in {seen[r['seed']]} too")
             seen[r["seed"]] = name
-    runs = sorted((r for _, rec in named for r in rec["runs"]), key=lambda r: r["seed"])
+    runs = sorted((r for _, rec in named for r in with_cpu_models(rec)), key=lambda r: r["seed"])
     curves = [c for _, rec in named for c in rec.get("curves", [])]
     merged = {k: v for k, v in first.items() if k not in ("comparison", "screen", "extends")}
     # the records an input extended are superseded too: the leaderboard hides everything merged here
@@ -667,7 +688,8 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     require_runs(len(new["runs"]), "the candidate")
     out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
            "test": "Welch's t-test, one-sided (new < baseline)",
-           "alpha": ALPHA, "same_hardware": hardware_differs(base.get("hardware"), new.get("hardware")) is None}
+           "alpha": ALPHA, "same_hardware": hardware_differs(base.get("hardware"), new.get("hardware")) is None
+           and not mixed_cpu_models(base) and not mixed_cpu_models(new)}
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
         out[name] = {**w.to_dict(), "better": w.p < ALPHA}
@@ -704,7 +726,8 @@ def comparison_lines(cmp: dict, new_name: str = "new") -> list[str]:
     """The comparison as an aligned table and the two verdict lines."""
     lines = [f"compared with {cmp['baseline']} ({cmp['baseline_label']}): {cmp['test']}"]
     if not cmp["same_hardware"]:
-        lines.append("warning: the two records ran on different hardware; the time comparison is across hardware")
+        lines.append("warning: the two records ran on different hardware (or one's seeds on several CPU models); "
+                     "the time comparison is across hardware")
     for side, seeds in cmp.get("shared_cpu", {}).items():
         if seeds:
             shares = ", ".join(f"seed {k} {v:.0%}" for k, v in sorted(seeds.items(), key=lambda kv: int(kv[0])))
@@ -804,7 +827,9 @@ def leaderboard(records_dir: Path) -> str:
                 overrides = f"`--data_from {rec['data_from']}` " + (overrides if rec.get("overrides") else "")
             what, split = data_words(record_data(rec), rec)
             cells = [str(rank), rec["preset"], rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
-                     _pm(s["train_time_s"], 2) + (" (shared CPU)" if shared_seeds(rec) else ""), what, split, hardware_string(rec.get("hardware")), commit,
+                     _pm(s["train_time_s"], 2) + (" (shared CPU)" if shared_seeds(rec) else ""), what, split,
+                     hardware_string(rec.get("hardware")) + (" (seeds on several CPU models)" if mixed_cpu_models(rec) else ""),
+                     commit,
                      str(rec.get("created", ""))[:10], _record_links(records_dir, name), overrides.strip()]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
-from llm.speedrun import (SCHEMA, check_same_setup, commit_worktree, compare, extension_plan, git_state, hardware_string,
-                          leaderboard, merge_records, merged_record, summarise, uncommitted_training_changes)
+from llm.speedrun import (SCHEMA, check_same_setup, commit_worktree, compare, comparison_lines, extension_plan, git_state,
+                          hardware_string, leaderboard, merge_records, merged_record, mixed_cpu_models, summarise,
+                          uncommitted_training_changes)
 from shared.errors import UserError
 from shared.trainer import hardware_info
 
@@ -124,7 +125,7 @@ def test_the_cpu_model_is_compared_where_both_records_name_it_and_an_unnamed_one
     old = record("x", [3.0, 3.1], "c")  # written before records named the CPU model
     check_same_setup(old, run, "r.json")  # unknown is not a difference
     named = {**old, "hardware": {**HW, "cpu_model": "AMD EPYC 7B13", "cpu_isa": "AVX2"}}
-    with pytest.raises(UserError, match=r"AMD EPYC 7B13 AVX2 \(1 threads\), this one on cpu Intel.*cpu_model differs"):
+    with pytest.raises(UserError, match=r"AMD EPYC 7B13 AVX2 \(1 threads\), this one on cpu Intel.*cpu_isa differs"):
         check_same_setup(named, run, "r.json")
     new = {**record("x", [3.4, 3.5], "c", seed0=2), "hardware": run["hardware"]}
     assert merged_record(old, new, "r.json")["hardware"] == HW  # seed 0's CPU is not relabelled
@@ -132,6 +133,31 @@ def test_the_cpu_model_is_compared_where_both_records_name_it_and_an_unnamed_one
     assert compare(old, new, "r.json")["same_hardware"] and not compare(named, new, "r.json")["same_hardware"]
     here = hardware_info(torch.device("cpu"))
     assert here["cpu_model"] and here["cpu_model"] in hardware_string(here)
+
+
+def test_seeds_from_another_cpu_model_of_the_same_isa_extend_a_record_and_its_time_is_marked(tmp_path):
+    xeon = {**HW, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": "AVX512"}
+    other = {**xeon, "cpu_model": "Intel(R) Xeon(R) Processor @ 2.80GHz"}
+    old = {**record("x", [3.0, 3.1], "c"), "hardware": xeon}  # runs written before they named their model
+    run = {"config": {"train": {"seed": 5, "budget": 2048}, "data": {"seq_len": 32}}, "data": {"sha256": "abc"},
+           "hardware": other}
+    check_same_setup(old, run, "r.json")  # the loss of a seed does not depend on the model: accepted
+    with pytest.raises(UserError, match="cpu_threads differs"):
+        check_same_setup(old, {**run, "hardware": {**other, "cpu_threads": 2}}, "r.json")
+    new = {**record("x", [3.4], "c", seed0=2), "hardware": other}
+    new["runs"][0]["cpu_model"] = other["cpu_model"]
+    merged = merged_record(old, new, "r.json")
+    assert "cpu_model" not in merged["hardware"] and merged["hardware"]["cpu_isa"] == "AVX512"
+    assert [r["cpu_model"] for r in merged["runs"]] == [xeon["cpu_model"]] * 2 + [other["cpu_model"]]
+    assert mixed_cpu_models(merged) == sorted([xeon["cpu_model"], other["cpu_model"]]) and not mixed_cpu_models(old)
+    assert merged_record(old, {**new, "hardware": xeon, "runs": [{**new["runs"][0], "cpu_model": None}]},
+                         "r.json")["hardware"] == xeon  # one model throughout: still named
+    cmp = compare(old, merged, "r.json")
+    assert compare(old, old, "r.json")["same_hardware"] and not cmp["same_hardware"]
+    assert any("several CPU models" in line for line in comparison_lines(cmp))
+    path = tmp_path / "debug-2048-x-20261206-000000.json"
+    path.write_text(json.dumps(merged))
+    assert "(seeds on several CPU models)" in leaderboard(tmp_path)
 
 
 def test_the_merged_record_holds_every_run_and_supersedes_the_old_one_on_the_leaderboard(tmp_path):
