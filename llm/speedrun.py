@@ -576,10 +576,12 @@ def run_problem(run: object, where: str = "") -> str:
     numbers, accuracy and perplexity finite numbers or null."""
     if not isinstance(run, dict):
         return f"{where or 'a run'} is {_shown(run)}, not a table of figures"
-    for key in ("loss", "train_time_s", "accuracy", "perplexity"):
+    for key in ("loss", "train_time_s", "accuracy", "perplexity", "cpu_others"):
         value = run.get(key)
         if (value is not None or key in ("loss", "train_time_s")) and not _is_number(value):
             return f"{where}{'.' if where else ''}{key} is {_shown(value) if key in run else 'missing'}, not a finite number"
+    if run.get("cpu_model") is not None and not isinstance(run["cpu_model"], str):
+        return f"{where}{'.' if where else ''}cpu_model is {_shown(run['cpu_model'])}, not a string or null"
     return ""
 
 
@@ -689,7 +691,7 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
            "test": "Welch's t-test, one-sided (new < baseline)",
            "alpha": ALPHA, "same_hardware": hardware_differs(base.get("hardware"), new.get("hardware")) is None
-           and not mixed_cpu_models(base) and not mixed_cpu_models(new)}
+           and len({r.get("cpu_model") for r in [*with_cpu_models(base), *with_cpu_models(new)]} - {None}) <= 1}
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
         out[name] = {**w.to_dict(), "better": w.p < ALPHA}
@@ -705,6 +707,11 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     if any(shared.values()):
         out["shared_cpu"] = shared
     return out
+
+
+def time_mark(record: dict) -> str:
+    """What a table says beside a record's time when it is not one machine's, alone."""
+    return (" (shared CPU)" if shared_seeds(record) else "") + (" (several CPU models)" if mixed_cpu_models(record) else "")
 
 
 def shared_seeds(record: dict) -> dict[int, float]:
@@ -827,9 +834,7 @@ def leaderboard(records_dir: Path) -> str:
                 overrides = f"`--data_from {rec['data_from']}` " + (overrides if rec.get("overrides") else "")
             what, split = data_words(record_data(rec), rec)
             cells = [str(rank), rec["preset"], rec["label"], _pm(s["loss"], 4), str(s["loss"]["n"]), _pm(s["accuracy"], 4),
-                     _pm(s["train_time_s"], 2) + (" (shared CPU)" if shared_seeds(rec) else ""), what, split,
-                     hardware_string(rec.get("hardware")) + (" (seeds on several CPU models)" if mixed_cpu_models(rec) else ""),
-                     commit,
+                     _pm(s["train_time_s"], 2) + time_mark(rec), what, split, hardware_string(rec.get("hardware")), commit,
                      str(rec.get("created", ""))[:10], _record_links(records_dir, name), overrides.strip()]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         out.append("")

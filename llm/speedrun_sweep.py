@@ -14,7 +14,7 @@ import shlex
 from shared.errors import UserError
 from shared.stats import holm, paired_less, two_sided, welch_less
 
-from .speedrun import ALPHA, _p, _pm, summarise
+from .speedrun import ALPHA, _p, _pm, summarise, time_mark
 
 
 def parse_sweep(text: str, overrides: list[str]) -> tuple[str, list[str]]:
@@ -103,7 +103,7 @@ def sweep_lines(key: str, values: list[str], records: list[dict], baseline: tupl
     rows = [header]
     for i, (value, sm) in enumerate(zip(values, summaries)):
         row = [value + (" *" if i == best else ""), f"{_pm(sm['loss'], 4)} (n={sm['loss']['n']})",
-               _pm(sm["train_time_s"], 1), "(best)" if i == best else _shown_p(welch[i]),
+               _pm(sm["train_time_s"], 1) + time_mark(records[i]), "(best)" if i == best else _shown_p(welch[i]),
                "" if i == best else _shown_p(paired[i])]
         if baseline:
             # the mean of the per-seed differences: what a one-seed screen has in place of a p value

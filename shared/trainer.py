@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -191,9 +192,9 @@ class StepTimer:
 
     def start(self) -> None:
         self.sync()
-        self._mark = time.perf_counter()
         if not self.warming:
-            self.others.start()
+            self.others.start()  # before the mark: reading /proc/stat is not training time
+        self._mark = time.perf_counter()
 
     def stepped(self, units: int) -> None:
         self._pending += units
@@ -256,7 +257,7 @@ class Trainer:
         # optimiser states first: under FSDP gathering them is a collective every rank joins
         state = {"optimizers": [parallel.optimizer_state(self.model, o) for o in self.optimizers],
                  "step": self.step, "train_time": self.timer.train_time, "compile_time": self.timer.warmup_time,
-                 "timed_units": self.timer.units, "others_cpu_s": self.timer.others.other_s, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "timed_units": self.timer.units, "others_cpu": self.timer.others.totals, "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
                  "units_per_step": self.units_per_step, "skipped": self.skipped, "sharded": self.sharded,
                  "world_size": self.dist.world}
         if self.device.type == "cuda":
@@ -323,7 +324,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         self.timer.train_time, self.timer.warmup_time, self.timer.units = state["train_time"], state["compile_time"], state["timed_units"]
-        self.timer.others.other_s = state.get("others_cpu_s")  # absent in checkpoints written before it was measured
+        self.timer.others.totals = state.get("others_cpu")  # absent (unknown) in checkpoints written before it was measured
 
     # ---------------------------------------------------------------- loop
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,7 +551,8 @@ class Trainer:
             "train_time_s": round(self.timer.train_time, 3),
             "compile_warmup_s": round(self.timer.warmup_time, 3),
             f"{unit}_per_s": round(self.timer.units / self.timer.train_time, 1) if self.timer.train_time > 0 else None,
-            "cpu_others": self.timer.others.share(self.timer.train_time),
+            # ranks on one node would count each other as other processes
+            "cpu_others": self.timer.others.share() if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1 else None,
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update

@@ -10,49 +10,59 @@ import time
 
 import pytest
 
-from llm.speedrun import compare, comparison_lines, leaderboard, load_record, summary_lines
+from llm.speedrun import compare, comparison_lines, leaderboard, load_record, run_problem, summary_lines
+from llm.speedrun_sweep import sweep_lines
 from shared import cpuload
 from shared.cpuload import OtherLoad, machine_cpu, shared_note
 from test_speedrun import synthetic
 
 
 def test_counts_others_and_not_this_process(monkeypatch):
-    clock = {"machine": 100.0, "own": 10.0}
+    clock = {"machine": 100.0, "own": 10.0, "wall": 0.0}
     monkeypatch.setattr(cpuload, "machine_cpu", lambda: (clock["machine"], 2))
     monkeypatch.setattr(cpuload.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(cpuload.time, "perf_counter", lambda: clock["wall"])
+
+    def interval(wall: float, own: float, others: float) -> None:
+        load.start()
+        clock["wall"] += wall
+        clock["own"] += own
+        clock["machine"] += own + others
+        load.stop()
+
     load = OtherLoad()
-    load.start()
-    clock["machine"] += 15.0  # 10 s wall: this process 9 CPU seconds, others 6
-    clock["own"] += 9.0
-    load.stop()
-    assert load.other_s == pytest.approx(6.0) and load.share(10.0) == pytest.approx(0.3)
+    interval(1.0, 1.0, 0.5)
+    assert load.share() is None  # 2 CPU-seconds of capacity: too short to tell
+    interval(9.0, 8.0, 5.5)  # 10 s wall on 2 CPUs: this process 9 CPU seconds, others 6
+    assert load.totals == pytest.approx([6.0, 9.0, 20.0]) and load.share() == pytest.approx(0.3)
     clock["machine"] += 100.0  # between stop and start (evaluation, checkpoints): not counted
-    load.start()
-    clock["machine"] += 10.0
-    clock["own"] += 10.0
-    load.stop()
-    assert load.share(20.0) == pytest.approx(0.15)
+    interval(10.0, 20.0, 0.0)
+    assert load.share() == pytest.approx(0.15)
+    load = OtherLoad()
+    interval(10.0, 20.0, -20.0)  # a /proc/stat that does not move with this process's own work: unknown
+    assert load.share() is None
     monkeypatch.setattr(cpuload, "machine_cpu", lambda: None)  # no /proc/stat: unknown, not 0
-    load.start()
-    load.stop()
-    assert load.other_s is None and load.share(30.0) is None
+    load = OtherLoad()
+    interval(10.0, 1.0, 0.0)
+    assert load.totals is None and load.share() is None
 
 
 def test_a_busy_process_beside_shows():
     if machine_cpu() is None:
         pytest.skip("no /proc/stat here")
     load = OtherLoad()
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 2.5\nwhile time.time() < t: pass"])
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 4\nwhile time.time() < t: pass"])
     try:
         time.sleep(0.5)  # the interpreter is up and spinning
         load.start()
-        start = time.perf_counter()
-        time.sleep(1.5)  # this process idles; the burner takes a whole core
+        time.sleep(3.0)  # this process idles; the burner takes a whole core
         load.stop()
-        wall = time.perf_counter() - start
     finally:
         burner.wait()
-    assert load.share(wall) >= 0.6 / load.cpus  # a core of cpus, less tick rounding and start-up
+    cpus = machine_cpu()[1]
+    if load.totals[2] < cpuload.MIN_CAPACITY_S:
+        pytest.skip("one CPU: 3 s are too short to tell")
+    assert load.share() >= 0.6 / cpus  # a core of cpus, less tick rounding and start-up
 
 
 def test_the_harness_marks_a_time_from_a_shared_machine(tmp_path):
@@ -74,3 +84,7 @@ def test_the_harness_marks_a_time_from_a_shared_machine(tmp_path):
     clean = compare(load_record(new), load_record(new), "new.json")
     assert "shared_cpu" not in clean and not any("other processes" in line for line in comparison_lines(clean))
     assert shared_note(0.09) == "" and shared_note(None) == "" and "12%" in shared_note(0.12)
+    table = sweep_lines("variant", ["base", "new"], [load_record(base), load_record(new)], variants=True)
+    assert sum("(shared CPU)" in line for line in table) == 1
+    bad = {"loss": 3.0, "train_time_s": 1.0, "cpu_others": "0.5"}  # a record that would break the tables
+    assert run_problem(bad) == 'cpu_others is "0.5", not a finite number'

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, TINY_LLM, assert_one_line_error, run_script
 from llm.speedrun import (SCHEMA, check_same_setup, commit_worktree, compare, comparison_lines, extension_plan, git_state,
                           hardware_string, leaderboard, merge_records, merged_record, mixed_cpu_models, summarise,
-                          uncommitted_training_changes)
+                          uncommitted_training_changes, with_cpu_models)
 from shared.errors import UserError
 from shared.trainer import hardware_info
 
@@ -157,7 +157,11 @@ def test_seeds_from_another_cpu_model_of_the_same_isa_extend_a_record_and_its_ti
     assert any("several CPU models" in line for line in comparison_lines(cmp))
     path = tmp_path / "debug-2048-x-20261206-000000.json"
     path.write_text(json.dumps(merged))
-    assert "(seeds on several CPU models)" in leaderboard(tmp_path)
+    assert "(several CPU models)" in leaderboard(tmp_path)
+    unnamed = record("x", [3.0, 3.1], "c")  # before records named the model, extended on model B
+    later = merged_record(unnamed, {**new, "runs": [{**new["runs"][0], "cpu_model": other["cpu_model"]}]}, "r.json")
+    on_a = {**old, "runs": with_cpu_models(old)}
+    assert not mixed_cpu_models(later) and not compare(on_a, later, "r.json")["same_hardware"]  # A against B
 
 
 def test_the_merged_record_holds_every_run_and_supersedes_the_old_one_on_the_leaderboard(tmp_path):
