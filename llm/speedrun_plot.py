@@ -127,6 +127,13 @@ def plot_sweep(key: str, values: list[str], records: list[dict], out_png: Path,
         m, sd = float(np.mean(losses)), float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
         ax.axhline(m, color=COLOURS[0], ls="--", lw=1.2, label=f"baseline {baseline[1]['label']} (n={len(losses)})")
         ax.axhspan(m - sd, m + sd, color=COLOURS[0], alpha=0.12, lw=0)
+        # screens on fewer seeds than the baseline compare with its loss on those seeds, not its mean
+        by_seed = {r["seed"]: r["loss"] for r in baseline[1]["runs"]}
+        seed_sets = {tuple(sorted(r["seed"] for r in rec["runs"])) for rec in records}
+        same = next(iter(seed_sets)) if len(seed_sets) == 1 else ()
+        if same and len(same) < len(by_seed) and all(k in by_seed for k in same):
+            ax.axhline(float(np.mean([by_seed[k] for k in same])), color=COLOURS[0], ls=":", lw=1.2,
+                       label=f"baseline on the same seed{'s' if len(same) > 1 else ''} ({', '.join(map(str, same))})")
     if nums is None or len(values) <= 8:
         ax.set_xticks(xs, values, rotation=0 if nums is not None or len(values) <= 4 else 30,
                       ha="center" if nums is not None or len(values) <= 4 else "right")

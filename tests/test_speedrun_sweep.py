@@ -34,7 +34,7 @@ def test_parse_sweep_takes_one_key_and_refuses_what_cannot_be_a_sweep():
             parse_sweep(text, overrides)
 
 
-def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baseline(tmp_path):
+def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baseline(tmp_path, monkeypatch):
     values = ["0.01", "0.02", "0.04"]
     records = [record("a", [3.10, 3.12, 3.09]), record("b", [2.80, 2.82, 2.79]), record("c", [2.805, 2.83, 2.78])]
     base = ("base.json", record("base", [2.95, 2.97, 2.96]))
@@ -59,6 +59,13 @@ def test_the_table_names_the_best_value_what_it_beats_and_what_beats_the_baselin
                       (["1.0", "inf", "nan"], "infinite.png")):  # not finite: in order, as names
         out = plot_sweep("optim.muon_lr", vals, records, tmp_path / name, base)
         assert out.stat().st_size > 10_000
+    import llm.speedrun_plot as sp  # one-seed screens: the baseline's loss on that seed is drawn too
+
+    labels = {}
+    monkeypatch.setattr(sp, "_save", lambda fig, out: labels.setdefault(out.name, [ln.get_label() for ln in fig.axes[0].get_lines()]))
+    plot_sweep("optim.muon_lr", values[:2], [record("a", [3.0]), record("b", [2.9])], tmp_path / "one.png", base)
+    plot_sweep("optim.muon_lr", values, records, tmp_path / "all.png", base)  # as many seeds: the mean says it
+    assert "baseline on the same seed (0)" in labels["one.png"] and not any("same seed" in x for x in labels["all.png"])
 
 
 def test_parse_variants_takes_named_sets_of_overrides_and_refuses_what_cannot_be_one():
