@@ -163,12 +163,12 @@ def common_hardware(old: dict | None, new: dict | None) -> dict | None:
 def with_cpu_models(record: dict) -> list[dict]:
     """The record's runs, each naming the CPU model it ran on where the record knows it."""
     model = (record.get("hardware") or {}).get("cpu_model")
-    return [{**r, "cpu_model": r.get("cpu_model") or model} if r.get("cpu_model") or model else r for r in record["runs"]]
+    return [{**r, "cpu_model": r.get("cpu_model") or model} for r in record["runs"]] if model else list(record["runs"])
 
 
-def mixed_cpu_models(record: dict) -> list[str]:
-    """The CPU models of a record whose seeds ran on more than one ([] otherwise)."""
-    models = sorted({r["cpu_model"] for r in record["runs"] if r.get("cpu_model")})
+def mixed_cpu_models(*records: dict) -> list[str]:
+    """The CPU models the runs of these records name, when more than one ([] otherwise)."""
+    models = sorted({r["cpu_model"] for rec in records for r in with_cpu_models(rec) if r.get("cpu_model")})
     return models if len(models) > 1 else []
 
 
@@ -691,7 +691,7 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
     out = {"baseline": Path(base_name).name, "baseline_label": base["label"], "baseline_preset": base["preset"],
            "test": "Welch's t-test, one-sided (new < baseline)",
            "alpha": ALPHA, "same_hardware": hardware_differs(base.get("hardware"), new.get("hardware")) is None
-           and len({r.get("cpu_model") for r in [*with_cpu_models(base), *with_cpu_models(new)]} - {None}) <= 1}
+           and not mixed_cpu_models(base, new)}
     for name, key in TESTED.items():
         w = welch_less([r[key] for r in new["runs"]], [r[key] for r in base["runs"]], confidence)
         out[name] = {**w.to_dict(), "better": w.p < ALPHA}

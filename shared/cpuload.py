@@ -74,6 +74,6 @@ class OtherLoad:
         if self.totals is None:
             return None
         others, own, capacity = self.totals
-        if capacity < MIN_CAPACITY_S or others + own < 0.5 * own:  # too short, or /proc/stat missed our own work
+        if capacity < MIN_CAPACITY_S or others < -0.5 * own:  # too short, or /proc/stat missed our own work
             return None
         return round(min(max(others / capacity, 0.0), 1.0), 3)
