@@ -43,6 +43,7 @@ from .checkpoint import (
 )
 from .config import load_toml
 from .cpuload import OtherLoad
+from .cpumem import keep_freed_memory
 from .contracts import BatchSource, ModelHooks, Task
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
@@ -228,6 +229,7 @@ class Trainer:
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.active else None)
         self.dtype = pick_dtype(cfg.precision, self.device)
         self.tf32 = enable_tf32(self.device)
+        self.kept_memory = self.device.type == "cpu" and keep_freed_memory()
         self.model = model.to(self.device)
         self.sharded = self.dist.active and cfg.parallel == "fsdp"
         if self.sharded:
