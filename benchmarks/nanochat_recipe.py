@@ -48,6 +48,7 @@ from llm.task import LanguageModelTask
 from shared.config import dump_toml, load_config, to_dict
 from shared.errors import UserError, run_main
 from shared.muon import normalise_second_moment, orthogonalize
+from shared.cpumem import keep_freed_memory
 from shared.trainer import hardware_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,6 +275,7 @@ def muon_momentum(it: int, steps: int) -> float:
 
 def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int, rates: str = "scaled") -> None:
     """One nanochat run into run_dir, in the files a Blueberry run folder has (llm.speedrun.read_run)."""
+    keep_freed_memory()  # as Blueberry's CPU trainer does: the two recipes' speeds compare
     data = open_text_data(cfg.data, cfg.train.batch_size, seed, cfg.train.budget)
     m, tok = cfg.model, data.tokenizer
     vocab = padded_vocab(tok.vocab_size)

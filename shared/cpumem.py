@@ -9,6 +9,10 @@ ran at about 850 tokens/s; with the heap kept (no mmap for large blocks, no trim
 1,320-1,490 tokens/s, the same numbers computed, a peak resident set of 5-7.5 GiB instead of 4.7.
 tcmalloc (preloaded) did as well, jemalloc's defaults (which return pages within seconds) no
 better than glibc, and torch's THP_MEM_ALLOC_ENABLE (huge pages, still unmapped) only 1.1x.
+
+Any glibc.malloc setting of the user's in GLIBC_TUNABLES turns it off (glibc's default behaviour:
+`GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072`); the same speed for code from before this
+module (an old record's commit): `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736`.
 """
 
 from __future__ import annotations
