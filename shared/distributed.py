@@ -34,6 +34,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
     active: bool = False  # launched by torchrun/accelerate: the DDP/FSDP path, even for one process
 
     @property
@@ -59,7 +60,8 @@ def setup() -> Dist:
 def current() -> Dist:
     if not dist.is_initialized():
         return Dist()
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")), True)
 
 
 def _teardown() -> None:

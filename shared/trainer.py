@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import re
 import shutil
@@ -554,7 +553,7 @@ class Trainer:
             "compile_warmup_s": round(self.timer.warmup_time, 3),
             f"{unit}_per_s": round(self.timer.units / self.timer.train_time, 1) if self.timer.train_time > 0 else None,
             # ranks on one node would count each other as other processes
-            "cpu_others": self.timer.others.share() if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1 else None,
+            "cpu_others": self.timer.others.share() if self.dist.local_world == 1 else None,
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update
