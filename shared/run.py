@@ -376,7 +376,8 @@ def describe_training(trainer, run_dir: Path, resume: Path | None, extra: str = 
                   f"{len(trainer.accum.micro_batches)} micro-batches of "
                   f"{trainer.cfg.batch_size // (1 if trainer.accum.rows is None else trainer.dist.world)} per process per step)")
     print(f"training: {trainer.total_steps:,} steps of {trainer.units_per_step:,} {trainer.task.unit} on {trainer.device} "
-          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.compile else ''}){extra}, "
+          f"({str(trainer.dtype).removeprefix('torch.')}{', compiled' if cfg.compile else ''}"
+          f"{', freed memory kept' if trainer.kept_memory else ''}){extra}, "
           f"run folder {run_dir}" + (f", resuming from {resume}" if resume else ""), flush=True)
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from shared.run import describe_training
 from trainers import llm_trainer
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -47,5 +48,8 @@ def test_the_users_malloc_settings_win():
     assert applied == "False" and mapped >= 64 << 20
 
 
-def test_a_cpu_trainer_applies_it(tmp_path):
-    assert llm_trainer(tmp_path).kept_memory
+def test_a_cpu_trainer_applies_it_and_says_so(tmp_path, capsys):
+    trainer = llm_trainer(tmp_path)
+    assert trainer.kept_memory
+    describe_training(trainer, tmp_path, None)
+    assert "(float32, freed memory kept)" in capsys.readouterr().out
