@@ -46,9 +46,9 @@ from llm.speedrun_plot import plot_records
 from llm.speedrun_screen import judge, picture_title
 from llm.task import LanguageModelTask
 from shared.config import dump_toml, load_config, to_dict
+from shared.cpumem import keep_freed_memory
 from shared.errors import UserError, run_main
 from shared.muon import normalise_second_moment, orthogonalize
-from shared.cpumem import keep_freed_memory
 from shared.trainer import hardware_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ def muon_momentum(it: int, steps: int) -> float:
 
 def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int, rates: str = "scaled") -> None:
     """One nanochat run into run_dir, in the files a Blueberry run folder has (llm.speedrun.read_run)."""
-    keep_freed_memory()  # as Blueberry's CPU trainer does: the two recipes' speeds compare
+    kept = keep_freed_memory()  # as Blueberry's CPU trainer does: the two recipes' speeds compare
     data = open_text_data(cfg.data, cfg.train.batch_size, seed, cfg.train.budget)
     m, tok = cfg.model, data.tokenizer
     vocab = padded_vocab(tok.vocab_size)
@@ -331,7 +331,7 @@ def train_one(cfg: LLMRunConfig, seed: int, run_dir: Path, eval_every: int, rate
                "train_time_s": round(train_time, 3), "compile_warmup_s": 0.0,
                "tokens_per_s": round(steps * batch_tokens / train_time, 1),
                "final_eval": {k: rows[-1][k] for k in ("loss", "accuracy", "perplexity")},
-               "precision": "float32", "hardware": hardware_info(torch.device("cpu"))}
+               "freed_memory_kept": kept, "precision": "float32", "hardware": hardware_info(torch.device("cpu"))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -41,9 +41,9 @@ from .checkpoint import (
     write_file_atomic,
 )
 from .config import load_toml
+from .contracts import BatchSource, ModelHooks, Task
 from .cpuload import OtherLoad
 from .cpumem import keep_freed_memory
-from .contracts import BatchSource, ModelHooks, Task
 from .ema import EMA, warmup_horizon
 from .errors import ConfigError, UserError
 from .metrics import MetricsLogger, plot_loss_curve
@@ -554,6 +554,7 @@ class Trainer:
             f"{unit}_per_s": round(self.timer.units / self.timer.train_time, 1) if self.timer.train_time > 0 else None,
             # ranks on one node would count each other as other processes
             "cpu_others": self.timer.others.share() if self.dist.local_world == 1 else None,
+            "freed_memory_kept": self.kept_memory,  # shared/cpumem.py: a CPU run's speed depends on it
             "final_eval": eval_metrics,
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.last_decay if self.ema is not None else None,  # the decay of the last update

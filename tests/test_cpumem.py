@@ -1,8 +1,10 @@
 """A CPU trainer keeps freed memory in its heap (shared/cpumem.py): a large tensor is then no mmap of
-its own, the setting is the process's, and a user's own malloc tunables win."""
+its own and its memory stays when freed, the setting is the process's, and a user's own malloc
+settings (or the switch) leave glibc as it is."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -10,13 +12,15 @@ import sys
 
 import pytest
 
+from shared.cpumem import SWITCH, users_malloc_settings
 from shared.run import describe_training
 from trainers import llm_trainer
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's malloc only")
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+                                or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33+'s malloc only")
 
-# prints whether the setting applied and the bytes glibc holds in mmapped blocks with a 64 MiB tensor alive
+# prints whether the setting applied, then glibc's bytes in mmapped blocks with a 64 MiB tensor
+# alive, then the free bytes at the top of its heap once the tensor is gone (what trimming returns)
 PROBE = """
 import ctypes, sys, torch
 from shared.cpumem import keep_freed_memory
@@ -27,28 +31,43 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 t = torch.ones(64 << 20, dtype=torch.uint8)
-print(applied, libc.mallinfo2().hblkhd)
+mapped = libc.mallinfo2().hblkhd
+del t
+print(applied, mapped, libc.mallinfo2().keepcost)
 """
+MIB64 = 64 << 20
 
 
-def probe(mode: str, **env: str) -> tuple[str, int]:
+def clean_env() -> dict[str, str]:
+    """This environment without malloc settings of its own (a developer's would change the answers)."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", SWITCH)
+            and not (k.startswith("MALLOC_") and k.endswith("_"))}
+
+
+def probe(mode: str, **env: str) -> tuple[str, int, int]:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
-    return out[0], int(out[1])
+                         env={**clean_env(), **env}, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+    return out[0], int(out[1]), int(out[2])
 
 
-def test_large_blocks_stay_in_the_heap():
-    assert probe("default")[1] >= 64 << 20  # glibc maps a block this large on its own
-    applied, mapped = probe("keep")
-    assert applied == "True" and mapped < 64 << 20
+def test_large_blocks_stay_in_the_heap_and_are_not_trimmed():
+    _, mapped, kept = probe("default")
+    assert mapped >= MIB64 and kept < MIB64  # glibc maps a block this large on its own
+    applied, mapped, kept = probe("keep")
+    assert applied == "True" and mapped < MIB64 and kept >= MIB64
 
 
-def test_the_users_malloc_settings_win():
-    applied, mapped = probe("keep", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072")
-    assert applied == "False" and mapped >= 64 << 20
+@pytest.mark.parametrize("env", [{SWITCH: "0"}, {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"},
+                                 {"MALLOC_TOP_PAD_": "131072"}])
+def test_the_switch_and_the_users_malloc_settings_win(env):
+    applied, mapped, _ = probe("keep", **env)
+    assert applied == "False" and mapped >= MIB64
 
 
-def test_a_cpu_trainer_applies_it_and_says_so(tmp_path, capsys):
+def test_a_cpu_trainer_applies_it_and_says_so(tmp_path, capsys, monkeypatch):
+    for k in set(os.environ) - set(clean_env()):
+        monkeypatch.delenv(k)
+    assert users_malloc_settings() is None
     trainer = llm_trainer(tmp_path)
     assert trainer.kept_memory
     describe_training(trainer, tmp_path, None)

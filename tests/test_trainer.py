@@ -86,6 +86,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, ema=0.9):
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 256
     assert summary["cpu_others"] is None or 0 <= summary["cpu_others"] <= 1  # None: too short to tell
+    assert summary["freed_memory_kept"] is second.kept_memory
     assert (ref / "loss_curve.png").stat().st_size > 1000
 
 
