@@ -3,7 +3,7 @@
 glibc's malloc serves every block over 32 MiB with its own mmap and unmaps it when freed, and trims
 the top of its heap; a CPU training step allocates and frees hundreds of MiB of activations and
 logits, so every step the kernel maps and zero-fills those pages again (44% of a CPU language-model
-run's time went to the kernel). Kept in the main thread's heap, the same run is about 1.5x faster
+run's time went to the kernel). Kept in the main thread's heap, the same run is about 1.4x faster
 with the same numbers, at up to twice the resident memory. Measurements, and the allocators tried
 instead (tcmalloc as fast but preloaded, jemalloc and transparent huge pages little faster):
 benchmarks/results/llm_recipe.md, "Freed memory kept".
