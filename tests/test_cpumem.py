@@ -19,8 +19,9 @@ from trainers import llm_trainer
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
                                 or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33+'s malloc only")
 
-# prints whether the setting applied, then glibc's bytes in mmapped blocks with a 64 MiB tensor
-# alive, then the free bytes at the top of its heap once the tensor is gone (what trimming returns)
+# prints whether the setting applied, then the free bytes at the top of glibc's heap after a raw
+# 64 MiB block was allocated and freed (what trimming hands back; first, before anything else can
+# land above it), then glibc's bytes in mmapped blocks while a 64 MiB tensor is alive
 PROBE = """
 import ctypes, sys, torch
 from shared.cpumem import keep_freed_memory
@@ -29,11 +30,12 @@ class Info(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+libc.free(libc.malloc(64 << 20))
+kept = libc.mallinfo2().keepcost
 t = torch.ones(64 << 20, dtype=torch.uint8)
-mapped = libc.mallinfo2().hblkhd
-del t
-print(applied, mapped, libc.mallinfo2().keepcost)
+print(applied, libc.mallinfo2().hblkhd, kept)
 """
 MIB64 = 64 << 20
 
