@@ -23,6 +23,11 @@ SWITCH = "BLUEBERRY_KEEP_FREED_MEMORY"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
+def malloc_variable(name: str) -> bool:
+    """Whether an environment variable of this name can choose malloc's behaviour here."""
+    return name in (SWITCH, "GLIBC_TUNABLES", "LD_PRELOAD") or (name.startswith("MALLOC_") and name.endswith("_"))
+
+
 def users_malloc_settings() -> str | None:
     """The first malloc setting the environment makes (which then wins over ours), or None."""
     if os.environ.get(SWITCH, "1") == "0":
@@ -31,7 +36,7 @@ def users_malloc_settings() -> str | None:
         return "GLIBC_TUNABLES"
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # tcmalloc, jemalloc, mimalloc and the like
         return "LD_PRELOAD"
-    return next((k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_")), None)
+    return next((k for k in os.environ if k.startswith("MALLOC_") and malloc_variable(k)), None)
 
 
 def keep_freed_memory() -> bool:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from shared.cpumem import SWITCH, users_malloc_settings
+from shared.cpumem import SWITCH, malloc_variable, users_malloc_settings
 from shared.run import describe_training
 from trainers import llm_trainer
 
@@ -42,8 +42,7 @@ MIB64 = 64 << 20
 
 def clean_env() -> dict[str, str]:
     """This environment without malloc settings of its own (a developer's would change the answers)."""
-    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", SWITCH)
-            and not (k.startswith("MALLOC_") and k.endswith("_"))}
+    return {k: v for k, v in os.environ.items() if not malloc_variable(k)}
 
 
 def probe(mode: str, **env: str) -> tuple[str, int, int]:
