@@ -214,7 +214,7 @@ def train_and_record(args: argparse.Namespace, code: Path, plan: dict,
         i += 1
         group = first.with_name(f"{first.name}-{i}")
     print(f"speedrun: {preset}{f' on the data of {data_from.stem}' if data_from else ''} at {budget:,} tokens, "
-          f"label {label}, {args.runs} runs, "
+          f"label {label}, {args.runs} run{'s' if args.runs != 1 else ''}, "
           f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}"
           + (f", extending {Path(extending[0]).name}" if extending else ""), flush=True)
     def record_of(results: list[dict]) -> dict:
