@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 from shared.checkpoint import write_file_atomic
 from shared.config import apply_overrides, from_dict, load_toml, renamed
 from shared.cpuload import shared_note
+from shared.cpumem import for_older_code
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
 from shared.stats import mean_std, paired_less, welch_less
@@ -450,6 +451,14 @@ def extension_plan(name: str, record: dict, root: Path) -> dict:
     return {"preset": record["preset"], "budget": record["budget"], "label": record["label"],
             "overrides": [_runnable(o, root) for o in record.get("overrides", [])], "data_from": record.get("data_from"),
             "seed0": max(r["seed"] for r in record["runs"]) + 1, "commit": old, "elsewhere": elsewhere}
+
+
+def older_code_env(code: Path) -> dict[str, str]:
+    """Environment variables for the training processes of the checkout `code`: where its code predates
+    shared/cpumem.py (an old record's commit, `--extend`), glibc's settings that make it keep freed
+    memory as today's CPU trainer does (about 1.4x its speed, the same losses), unless the user chose
+    malloc's behaviour; none otherwise."""
+    return {} if (code / "shared" / "cpumem.py").exists() else for_older_code()
 
 
 @contextmanager

@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from llm.speedrun import (build_record, check_comparable, check_config, check_label, check_same_setup, commit_worktree,
                           derive_label, extension_plan, format_budget, git_state, load_record, merge_records,
-                          merged_record, parse_budget, planned_data, read_records, read_run, record_data,
+                          merged_record, older_code_env, parse_budget, planned_data, read_records, read_run, record_data,
                           resolve_preset, summary_lines, uncommitted_training_changes, write_leaderboard, write_record)
 from llm.speedrun_plot import plot_records, plot_sweep
 from llm.speedrun_screen import judge, picture_title
 from llm.speedrun_sweep import parse_sweep, parse_variants, sweep_lines
+from shared.cpumem import SWITCH
 from shared.errors import UserError, run_main
 from shared.run import check_writable, finite_float
 
@@ -50,11 +51,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESERVED = ("train.seed", "train.budget")  # set by --seed0 and --budget, never by an override
 
 
-def train_one(cmd: list[str], what: str, code: Path = ROOT) -> None:
+def train_one(cmd: list[str], what: str, code: Path = ROOT, extra_env: dict[str, str] | None = None) -> None:
     """Run one training subprocess with the packages of the checkout `code`; its stdout is streamed
     (indented), its stderr passes through to a terminal (the progress bar) and otherwise is only
     kept, so a failure can quote its last line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     if code != ROOT:  # ahead of this checkout's (an editable install or PYTHONPATH)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -213,7 +214,7 @@ def train_and_record(args: argparse.Namespace, code: Path, plan: dict,
         i += 1
         group = first.with_name(f"{first.name}-{i}")
     print(f"speedrun: {preset}{f' on the data of {data_from.stem}' if data_from else ''} at {budget:,} tokens, "
-          f"label {label}, {args.runs} runs, "
+          f"label {label}, {args.runs} run{'s' if args.runs != 1 else ''}, "
           f"seeds {args.seed0}..{args.seed0 + args.runs - 1}, run folders under {group}"
           + (f", extending {Path(extending[0]).name}" if extending else ""), flush=True)
     def record_of(results: list[dict]) -> dict:
@@ -222,14 +223,17 @@ def train_and_record(args: argparse.Namespace, code: Path, plan: dict,
                               data_from=data_from.stem if data_from else None)
         return merged_record(extending[1], record, extending[0]) if extending is not None else record
 
-    results, path = [], None
+    results, path, env = [], None, older_code_env(code)
+    if env:
+        print(f"the training code predates shared/cpumem.py: its runs keep freed memory by GLIBC_TUNABLES="
+              f"{env['GLIBC_TUNABLES']} ({SWITCH}=0 turns it off)", flush=True)
     for k in range(args.runs):
         seed = args.seed0 + k
         print(f"run {k + 1}/{args.runs}: seed {seed} -> {group / f'seed{seed}'}", flush=True)
         train_one([sys.executable, str(code / "scripts" / "train_llm.py"), "--config", str(config),
                    *(["--data_from", str(data_from)] if data_from else []),
                    "--experiment_name", f"seed{seed}", "--runs_dir", str(group), "--train_tokens", str(budget),
-                   f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})", code)
+                   f"train.seed={seed}", *args.overrides], f"training run {k + 1}/{args.runs} (seed {seed})", code, env)
         results.append(read_run(group / f"seed{seed}", seed, f"speedrun/{group.name}/seed{seed}"))
         if extending is not None:  # the same setup as the record's runs, or stop before training more
             check_same_setup(extending[1], results[-1], extending[0])

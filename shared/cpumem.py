@@ -10,7 +10,8 @@ benchmarks/results/llm_recipe.md, "Freed memory kept".
 
 BLUEBERRY_KEEP_FREED_MEMORY=0 leaves glibc as it is, and so does any malloc setting of the user's
 (GLIBC_TUNABLES glibc.malloc.*, MALLOC_*_ variables, a preloaded allocator). Code from before this
-module gets the same by `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736`.
+module gets the same from the environment (`for_older_code`), which the speedrun harness gives the
+training processes of a record's older commit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import platform
 
 SWITCH = "BLUEBERRY_KEEP_FREED_MEMORY"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+# the same as keep_freed_memory's two calls, as glibc tunables read at a process's start (a tunable
+# takes no -1 for "never trim": 64 GiB is more than any heap here)
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def malloc_variable(name: str) -> bool:
@@ -39,11 +43,24 @@ def users_malloc_settings() -> str | None:
     return next((k for k in os.environ if k.startswith("MALLOC_") and malloc_variable(k)), None)
 
 
+def glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def for_older_code() -> dict[str, str]:
+    """Environment variables that make a process whose code predates this module keep freed memory,
+    as keep_freed_memory would: none where it would not apply (`users_malloc_settings`, not glibc)."""
+    if not glibc() or users_malloc_settings():
+        return {}
+    other = os.environ.get("GLIBC_TUNABLES")  # tunables of other glibc parts are kept beside ours
+    return {"GLIBC_TUNABLES": f"{other}:{TUNABLES}" if other else TUNABLES}
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (no mmap of its own for a large block, no
     trimming), for the rest of the process. Returns whether it applied: not on other C libraries,
     nor where the environment chose malloc's behaviour (`users_malloc_settings`)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or users_malloc_settings():
+    if not glibc() or users_malloc_settings():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from shared.cpumem import SWITCH, malloc_variable, users_malloc_settings
+from llm.speedrun import older_code_env
+from shared.cpumem import SWITCH, TUNABLES, for_older_code, malloc_variable, users_malloc_settings
 from shared.run import describe_training
 from trainers import llm_trainer
 
@@ -73,3 +74,22 @@ def test_a_cpu_trainer_applies_it_and_says_so(tmp_path, capsys, monkeypatch):
     assert trainer.kept_memory
     describe_training(trainer, tmp_path, None)
     assert "(float32, freed memory kept)" in capsys.readouterr().out
+
+
+def test_code_from_before_the_module_gets_the_same_by_glibc_tunables(tmp_path, monkeypatch):
+    """What the speedrun harness gives an old record's commit (`--extend`) keeps memory as the module
+    does, and yields to the switch, to the user's malloc settings and to a checkout that has the module."""
+    for k in set(os.environ) - set(clean_env()):
+        monkeypatch.delenv(k)
+    env = older_code_env(tmp_path)
+    assert env == {"GLIBC_TUNABLES": TUNABLES}
+    applied, mapped, kept = probe("default", **env)
+    assert applied == "None" and mapped < MIB64 and kept >= MIB64
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "cpumem.py").touch()
+    assert older_code_env(tmp_path) == {}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=2048")  # another part's: kept beside ours
+    assert for_older_code() == {"GLIBC_TUNABLES": f"glibc.rtld.optional_static_tls=2048:{TUNABLES}"}
+    for name, value in ((SWITCH, "0"), ("GLIBC_TUNABLES", "glibc.malloc.perturb=0")):
+        monkeypatch.setenv(name, value)
+        assert for_older_code() == {}
