@@ -45,7 +45,9 @@ class DecoderConfig:
     depth_init: bool = False  # output projections start at init_std / sqrt(2 (layer + 1)), not at zero
     gated_attn: bool = False  # a per-head sigmoid gate on attention outputs, from the block's input
     sandwich_norm: bool = False  # RMSNorm after each sub-block too, before the residual add
-    embed_scale: bool = False  # token embeddings times sqrt(d_model) on the way in
+    # token embeddings times sqrt(d_model) on the way in: 5-dollar-llm's recipe (5dollar-88m) has it; on
+    # top of embed_norm it loses on real text (p = 0.001, llm_recipe.md), so no Blueberry recipe uses it
+    embed_scale: bool = False
     value_embeds: int = 0  # N value-embedding tables, added to the values of the first N and last N layers
     residual_scalars: bool = False  # learnable x = a_i x + b_i x0 before block i (a = 1, b = 0 at start)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
