@@ -36,7 +36,7 @@ from shared.cpuload import shared_note
 from shared.cpumem import for_older_code
 from shared.errors import ConfigError, UserError
 from shared.run import find_preset, flatten
-from shared.stats import mean_std, paired_less, welch_less
+from shared.stats import mean_std, paired_less, runs_to_show, welch_less
 
 from .config import LLMRunConfig, data_keys
 
@@ -712,10 +712,36 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
         ours = {r["seed"]: r["loss"] for r in new["runs"]}
         pt = paired_less([ours[s] for s in seeds], [by_seed[s] for s in seeds], confidence)
         out["loss_paired"] = {**pt.to_dict(), "seeds": seeds, "better": pt.p < ALPHA}
+    out["loss_runs_to_show"] = runs_needed(out, [r["loss"] for r in new["runs"]], [r["loss"] for r in base["runs"]])
     shared = {side: shared_seeds(rec) for side, rec in (("baseline", base), ("new", new))}
     if any(shared.values()):
         out["shared_cpu"] = shared
     return out
+
+
+POWER = 0.8  # the chance of a verdict that the seeds-to-a-verdict estimate plans for
+
+
+def runs_needed(cmp: dict, new: list[float], base: list[float]) -> dict | None:
+    """For a lower loss not shown: runs a side (Welch) and seeds (paired) at which a difference and
+    spread as measured would be shown at ALPHA with POWER (null where over 200); None otherwise."""
+    loss = cmp["loss"]
+    if loss["better"] or loss["diff"] >= 0:
+        return None
+    out = {"power": POWER, "welch": runs_to_show(loss["diff"], mean_std(new)[1], mean_std(base)[1], ALPHA, POWER)}
+    if (pt := cmp.get("loss_paired")) and not pt["better"] and pt["diff"] < 0:
+        out["paired"] = runs_to_show(pt["diff"], pt["sd_diff"], 0.0, ALPHA, POWER, paired=True)
+    return out
+
+
+def _runs_to_show_line(need: dict, alpha: float) -> str:
+    def shown(n, what):
+        return f"over 200 {what}" if n is None else f"about {n} {what}"
+    text = (f"to a verdict: were the difference and spread as measured, Welch's test would show it at p < {alpha:g} "
+            f"with {need['power']:.0%} power at {shown(need['welch'], 'runs a side')}")
+    if "paired" in need:
+        text += f", the paired test at {shown(need['paired'], 'shared seeds')}"
+    return text + " (measured values flatter an effect picked for looking good: a floor, not a promise)"
 
 
 def time_mark(record: dict) -> str:
@@ -767,6 +793,8 @@ def comparison_lines(cmp: dict, new_name: str = "new") -> list[str]:
         lines.append(f"paired by seed ({_seed_list(pt['seeds'])}): loss difference {pt['diff']:+.4f} "
                      f"[{pt['ci'][0]:+.4f}, {pt['ci'][1]:+.4f}]; " + verdict("loss", pt, cmp["alpha"]).removeprefix("loss: ")
                      + " (a second test; the verdict is Welch's)")
+    if need := cmp.get("loss_runs_to_show"):
+        lines.append(_runs_to_show_line(need, cmp["alpha"]))
     return lines
 
 

@@ -18,7 +18,7 @@ from llm.speedrun import (SCHEMA, compare, comparison_lines, derive_label, forma
                           parse_budget, resolve_preset)
 from llm.speedrun_screen import judge, screen_title
 from shared.errors import UserError
-from shared.stats import mean_std, paired_less, welch_df, welch_less
+from shared.stats import mean_std, paired_less, runs_to_show, welch_df, welch_less
 
 # the harness sets train.budget and train.seed itself
 TINY = TINY_LLM
@@ -147,9 +147,34 @@ def test_the_paired_test_against_scipy_and_in_the_comparison(tmp_path):
     assert cmp["loss_paired"]["seeds"] == [0, 1, 2] and cmp["loss_paired"]["p"] == pytest.approx(ref.pvalue)
     assert not cmp["loss"]["better"] and cmp["loss_paired"]["better"]  # Welch cannot tell at n=3; the pairs can
     lines = comparison_lines(cmp)
-    assert lines[-1].startswith("paired by seed (seeds 0-2): loss difference -0.0333") and "verdict is Welch's" in lines[-1]
+    assert lines[-2].startswith("paired by seed (seeds 0-2): loss difference -0.0333") and "verdict is Welch's" in lines[-2]
+    need = cmp["loss_runs_to_show"]  # Welch's verdict not reached: how many runs would reach it
+    assert "paired" not in need and need["welch"] == runs_to_show(cmp["loss"]["diff"], mean_std(new)[1],
+                                                                   mean_std(base + [5.58])[1], 0.01)
+    assert lines[-1].startswith("to a verdict: ") and f"about {need['welch']} runs a side" in lines[-1]
     b["runs"] = [{**r, "seed": r["seed"] + 10} for r in b["runs"]]  # no seed in common: no paired test
     assert "loss_paired" not in compare(a, b, "a.json")
+
+
+def test_runs_to_a_verdict_agree_with_the_normal_formula_and_a_simulation():
+    rng = np.random.default_rng(0)
+    diff, sd_new, sd_base, z = -0.02, 0.015, 0.02, st.norm.ppf(0.99) + st.norm.ppf(0.8)
+    n = runs_to_show(diff, sd_new, sd_base, 0.01)
+    normal = int(np.ceil(z**2 * (sd_new**2 + sd_base**2) / diff**2))  # known variances: a little fewer runs
+    assert normal <= n <= normal + 3
+
+    def welch_power(k):  # the share of simulated k-a-side comparisons that Welch's test calls better
+        a, b = rng.normal(diff, sd_new, (4000, k)), rng.normal(0.0, sd_base, (4000, k))
+        return np.mean(st.ttest_ind(a, b, axis=1, equal_var=False, alternative="less").pvalue < 0.01)
+    assert 0.78 < welch_power(n) and welch_power(n - 2) < 0.78
+
+    m = runs_to_show(diff, 0.01, 0.0, 0.01, paired=True)  # the sd of the per-seed differences
+    def paired_power(k):
+        d = rng.normal(diff, 0.01, (4000, k))
+        return np.mean(st.ttest_1samp(d, 0.0, axis=1, alternative="less").pvalue < 0.01)
+    assert m < n and 0.78 < paired_power(m) and paired_power(m - 2) < 0.78
+    assert runs_to_show(0.0, 0.01, 0.01, 0.01) is None and runs_to_show(-1e-4, 0.05, 0.05, 0.01) is None  # > 200
+    assert runs_to_show(-0.01, 0.0, 0.0, 0.01) == 2  # no spread: any two runs a side show it
 
 
 def test_one_run_against_a_baseline_is_a_screen_without_a_p_value(tmp_path):
