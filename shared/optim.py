@@ -152,9 +152,14 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
 
 
 def warmup_steps(total_steps: int, cfg: OptimConfig) -> int:
-    """The warm-up in force: at most half the run, so a short run (the 8M-token speedrun of a preset
-    whose warm-up was set for longer ones) still trains at its full rate before it decays."""
-    return min(cfg.warmup_steps, total_steps // 2)
+    """The warm-up in force: at most half the run and, for wsd, over by the step its warm-down
+    begins, so a short run (a preset's recipe at a few dozen steps) reaches its full rate before it
+    decays. Without the second cap `blueberry-88m` at 74 steps (warm-up 40, the last 65% decaying)
+    peaked at 0.81 of its rate (`benchmarks/results/llm_5dollar.md`, section 3b)."""
+    cap = total_steps // 2
+    if cfg.schedule == "wsd" and (start := total_steps - round(cfg.cooldown_frac * total_steps)) > 0:
+        cap = min(cap, start)  # a warm-down over the whole run (start 0) keeps the warm-up, met by min()
+    return min(cfg.warmup_steps, cap)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -253,6 +253,18 @@ def test_short_runs_warm_up_then_decay_without_a_jump(schedule, total):
     assert all(x > 0 for x in lrs) and all(abs(a - b) <= slope + 1e-9 for a, b in zip(lrs, lrs[1:])), lrs
 
 
+@pytest.mark.parametrize("total", [20, 74, 114, 115, 245])
+def test_a_long_warm_down_ends_the_warm_up_early_so_the_peak_is_reached(total):
+    # the carried recipe (warm-up 40, the last 65% to 5%) at a few dozen steps: blueberry-88m's reduced run has 74
+    cfg = OptimConfig(schedule="wsd", warmup_steps=40, cooldown_frac=0.65, min_lr_ratio=0.05)
+    lrs = [lr_multiplier(s, total, cfg) for s in range(total)]
+    start = total - round(0.65 * total)
+    assert max(lrs) == 1.0 and lrs.index(1.0) == min(40, start) - 1  # at full rate the step before the decay
+    assert all(a <= b for a, b in zip(lrs[:start], lrs[1:start])) and all(a >= b for a, b in zip(lrs[start - 1:], lrs[start:]))
+    whole = OptimConfig(schedule="wsd", warmup_steps=10, cooldown_frac=1.0)  # a warm-down over the whole run keeps its warm-up
+    assert lr_multiplier(0, 100, whole) == pytest.approx(0.1)
+
+
 def test_no_warmup_still_starts_at_full_rate():
     assert lr_multiplier(0, 10, OptimConfig(warmup_steps=0, schedule="wsd")) == 1.0
 
