@@ -7,6 +7,7 @@ test), and the leaderboard regenerated.
     python scripts/speedrun.py --preset blueberry-88m --budget 8M --runs 4 optim.muon_lr=0.03 \\
         --compare benchmarks/records/blueberry-88m-8M-baseline-20250101-120000.json
     python scripts/speedrun.py --extend NEW.json --runs 2 --compare BASE.json  # 2 more seeds of NEW, tested again
+    python scripts/speedrun.py --extend A.json B.json --runs 2 --compare BASE.json  # each in turn, then side by side
     python scripts/speedrun.py --compare BASE.json --candidate NEW.json     # two records, no training
     python scripts/speedrun.py --compare BASE.json --candidate A.json B.json C.json  # side by side, as a sweep
     python scripts/speedrun.py --merge NEW.json NEW-seeds34.json --compare BASE.json  # one record of both's seeds
@@ -29,7 +30,7 @@ import os
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -107,23 +108,44 @@ def training_code(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
                      + (" (the uncommitted changes here train nothing)" if dirty else ""))
 
 
-def speedrun(args: argparse.Namespace, extending: tuple[str, dict] | None = None) -> None:
-    """Train args.runs seeded runs and record them; `extending` = (name, record): more seeds of that
-    record, which the new record holds together with its runs, trained in a worktree of its commit."""
-    if extending is None:
-        with training_code(args) as (code, why):
+def speedrun(args: argparse.Namespace) -> None:
+    """Train args.runs seeded runs of a new setup and record them."""
+    with training_code(args) as (code, why):
+        print(f"training code: {why}", flush=True)
+        train_and_record(args, code, prepare(args, code))
+
+
+def extend(args: argparse.Namespace) -> None:
+    """--extend RECORD [RECORD ...]: args.runs more seeds of each record, in turn, each trained in a
+    worktree of its commit into a new record that holds its runs too. Every record's refusals come
+    before anything trains; several end side by side, as --candidate's table (a queue of extensions
+    that was a hand-written shell loop before)."""
+    if len(set(args.extend)) < len(args.extend):
+        raise UserError("--extend: a record is given twice")
+    named = [(name, load_record(name)) for name in args.extend]
+    extended = {rec.get("extends"): n for rec, n in read_records(Path(args.records_dir))[0]}
+    with ExitStack() as stack:
+        jobs = []
+        for name, rec in named:
+            if by := extended.get(Path(name).name):
+                raise UserError(f"cannot extend {name}: {by} extends it already; extend that one")
+            plan = extension_plan(name, rec, ROOT)
+            one = argparse.Namespace(**{**vars(args), "preset": plan["preset"], "budget": str(plan["budget"]),
+                                        "overrides": plan["overrides"], "data_from": plan["data_from"],
+                                        "label": plan["label"], "seed0": plan["seed0"]})
+            code = stack.enter_context(commit_worktree(ROOT, plan["commit"]))
+            where = plan["elsewhere"] or "the same training code as this checkout"
+            why = f"{plan['commit'][:12]}, the record's commit ({where}), checked out at {code}"
+            jobs.append((one, code, prepare(one, code, (name, rec)), why))
+        done = []
+        for i, ((name, rec), (one, code, prepared, why)) in enumerate(zip(named, jobs)):
+            if len(named) > 1:
+                print(f"\n=== {i + 1}/{len(named)}: extending {name}", flush=True)
             print(f"training code: {why}", flush=True)
-            train_and_record(args, code, prepare(args, code))
-        return
-    plan = extension_plan(*extending, ROOT)
-    if by := [n for rec, n in read_records(Path(args.records_dir))[0] if rec.get("extends") == Path(extending[0]).name]:
-        raise UserError(f"cannot extend {extending[0]}: {by[0]} extends it already; extend that one")
-    args.preset, args.budget, args.overrides = plan["preset"], str(plan["budget"]), plan["overrides"]
-    args.data_from, args.label, args.seed0 = plan["data_from"], plan["label"], plan["seed0"]
-    with commit_worktree(ROOT, plan["commit"]) as code:
-        print(f"training code: {plan['commit'][:12]}, the record's commit "
-              f"({plan['elsewhere'] or 'the same training code as this checkout'}), checked out at {code}", flush=True)
-        train_and_record(args, code, prepare(args, code, extending), extending)
+            done.append(train_and_record(one, code, prepared, (name, rec)))
+    if len(done) > 1:
+        print()
+        side_by_side([(str(path), rec) for path, rec in done], args.compare, jobs[0][2]["baseline"])
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -287,12 +309,19 @@ def candidates(args: argparse.Namespace, base: dict) -> None:
         return
     for name, new in named:
         check_comparable(base, new["preset"], new["budget"], args.compare, record_data(new))
+    side_by_side(named, args.compare, base)
+
+
+def side_by_side(named: list[tuple[str, dict]], base_name: str | None, base: dict | None) -> None:
+    """Several records as --variant's table (each one's loss, the best's tests against the others,
+    each one's against the baseline when there is one) and its picture, beside the first record."""
     labels = [rec["label"] for _, rec in named]
     values = labels if len(set(labels)) == len(labels) else [Path(name).stem for name, _ in named]
-    records = [rec for _, rec in named]
-    print("\n".join(sweep_lines("record", values, records, (args.compare, base), variants=True)))
-    out = Path(args.candidate[0]).with_name(f"{Path(args.compare).stem}-vs-{len(named)}-records.png")
-    print(f"picture: {plot_sweep('record', values, records, out, (args.compare, base))}")
+    records, baseline = [rec for _, rec in named], (base_name, base) if base is not None else None
+    print("\n".join(sweep_lines("record", values, records, baseline, variants=True)))
+    stem = Path(base_name).stem if base_name else Path(named[0][0]).stem
+    out = Path(named[0][0]).with_name(f"{stem}-vs-{len(named)}-records.png")
+    print(f"picture: {plot_sweep('record', values, records, out, baseline)}")
 
 
 def main() -> None:
@@ -308,9 +337,9 @@ def main() -> None:
     p.add_argument("--records_dir", default=str(ROOT / "benchmarks" / "records"), help="default: benchmarks/records")
     p.add_argument("--compare", metavar="RECORD", help="baseline record to test the new runs (or --candidate) against "
                    "(under 2 runs on either side: a screen, no test)")
-    p.add_argument("--extend", metavar="RECORD", help="--runs more seeds of a record (its preset, budget, overrides "
-                   "and data, trained by its commit's code in a temporary git worktree of that commit): the new record "
-                   "holds all of its runs")
+    p.add_argument("--extend", metavar="RECORD", nargs="+", help="--runs more seeds of a record (its preset, budget, "
+                   "overrides and data, trained by its commit's code in a temporary git worktree of that commit): the "
+                   "new record holds all of its runs; several records: one after another, then side by side")
     p.add_argument("--candidate", metavar="RECORD", nargs="+", help="with --compare: compare existing records with "
                    "the baseline, train nothing; two or more: side by side, as --variant's table and picture")
     p.add_argument("--merge", metavar="RECORD", nargs="+", help="write one record of these records' seeds (one setup, "
@@ -354,7 +383,7 @@ def main() -> None:
         if training or args.label or args.seed0 is not None:
             raise UserError("--extend takes the preset, budget, overrides, data, label and seeds from the record: "
                             "give it only --runs (and --compare, --runs_dir, --records_dir)")
-        speedrun(args, (args.extend, load_record(args.extend)))
+        extend(args)
     elif args.preset and args.budget:
         args.seed0 = args.seed0 or 0
         if args.sweep and args.variant:

@@ -270,9 +270,29 @@ def test_extend_trains_more_seeds_and_tests_them_with_the_old_ones(tmp_path):
     assert f"[{merged.name}]" in board and f"[{first.name}]" not in board
     for args, words in ((["--extend", str(first), "--runs", "1", "--preset", "debug"], "only --runs"),
                         (["--extend", str(first), "--runs", "1", "--seed0", "0"], "only --runs"),
-                        (["--extend", str(first), "--runs", "1"], f"{merged.name} extends it already")):
-        refused = speedrun(*args)
+                        (["--extend", str(first), "--runs", "1"], f"{merged.name} extends it already"),
+                        (["--extend", str(merged), str(merged), "--runs", "1"], "given twice"),
+                        (["--extend", str(merged), str(first), "--runs", "1"], f"{merged.name} extends it already")):
+        refused = speedrun(*args)  # every record's refusal before any trains
         assert refused.returncode != 0 and words in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        assert "training code:" not in refused.stdout
+    assert len(list(records.glob("debug-2048-lr-*.json"))) == 2 and len(git(repo, "worktree", "list").splitlines()) == 1
+
+    # a queue of extensions: each record in turn, from its commit, then side by side against the baseline
+    other = speedrun(*common, "--runs", "1", "optim.adam_lr=0.02", "--label", "lr2")
+    assert other.returncode == 0, other.stderr[-3000:]
+    (second,) = records.glob("debug-2048-lr2-*.json")
+    both = speedrun("--extend", str(merged), str(second), "--runs", "1", "--compare", str(baseline))
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert "=== 1/2: extending" in both.stdout and "=== 2/2: extending" in both.stdout and "seeds 2..2" in both.stdout
+    table = both.stdout.split("2 records (debug, 2,048 tokens")[1].splitlines()
+    assert any(row.startswith("lr ") for row in table) and any(row.startswith("lr2 ") for row in table)
+    assert "vs-2-records.png" in both.stdout
+    (lr3,) = set(records.glob("debug-2048-lr-*.json")) - {first, merged}
+    (lr2,) = set(records.glob("debug-2048-lr2-*.json")) - {second}
+    assert [r["seed"] for r in json.loads(lr3.read_text())["runs"]] == [0, 1, 2]
+    assert [r["seed"] for r in json.loads(lr2.read_text())["runs"]] == [0, 1]
+    assert len(git(repo, "worktree", "list").splitlines()) == 1  # both worktrees removed
 
 
 @pytest.mark.slow
