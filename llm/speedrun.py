@@ -720,23 +720,25 @@ def compare(base: dict, new: dict, base_name: str, confidence: float = 0.95) -> 
 
 
 POWER = 0.8  # the chance of a verdict that the seeds-to-a-verdict estimate plans for
+MOST_RUNS = 200  # beyond this the estimate says only "over"
 
 
 def runs_needed(cmp: dict, new: list[float], base: list[float]) -> dict | None:
     """For a lower loss not shown: runs a side (Welch) and seeds (paired) at which a difference and
-    spread as measured would be shown at ALPHA with POWER (null where over 200); None otherwise."""
+    spread as measured would be shown at ALPHA with POWER (null where over MOST_RUNS); None otherwise."""
     loss = cmp["loss"]
     if loss["better"] or loss["diff"] >= 0:
         return None
-    out = {"power": POWER, "welch": runs_to_show(loss["diff"], mean_std(new)[1], mean_std(base)[1], ALPHA, POWER)}
+    out = {"power": POWER, "welch": runs_to_show(loss["diff"], mean_std(new)[1], mean_std(base)[1], ALPHA, POWER,
+                                                 most=MOST_RUNS)}
     if (pt := cmp.get("loss_paired")) and not pt["better"] and pt["diff"] < 0:
-        out["paired"] = runs_to_show(pt["diff"], pt["sd_diff"], 0.0, ALPHA, POWER, paired=True)
+        out["paired"] = runs_to_show(pt["diff"], pt["sd_diff"], 0.0, ALPHA, POWER, paired=True, most=MOST_RUNS)
     return out
 
 
 def _runs_to_show_line(need: dict, alpha: float) -> str:
     def shown(n, what):
-        return f"over 200 {what}" if n is None else f"about {n} {what}"
+        return f"over {MOST_RUNS} {what}" if n is None else f"about {n} {what}"
     text = (f"to a verdict: were the difference and spread as measured, Welch's test would show it at p < {alpha:g} "
             f"with {need['power']:.0%} power at {shown(need['welch'], 'runs a side')}")
     if "paired" in need:

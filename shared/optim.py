@@ -157,9 +157,14 @@ def warmup_steps(total_steps: int, cfg: OptimConfig) -> int:
     decays. Without the second cap `blueberry-88m` at 74 steps (warm-up 40, the last 65% decaying)
     peaked at 0.81 of its rate (`benchmarks/results/llm_5dollar.md`, section 3b)."""
     cap = total_steps // 2
-    if cfg.schedule == "wsd" and (start := total_steps - round(cfg.cooldown_frac * total_steps)) > 0:
+    if cfg.schedule == "wsd" and (start := total_steps - cooldown_steps(total_steps, cfg)) > 0:
         cap = min(cap, start)  # a warm-down over the whole run (start 0) keeps the warm-up, met by min()
     return min(cfg.warmup_steps, cap)
+
+
+def cooldown_steps(total_steps: int, cfg: OptimConfig) -> int:
+    """wsd's warm-down: the last cooldown_frac of the steps."""
+    return int(round(cfg.cooldown_frac * total_steps))
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -181,7 +186,7 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
         progress = min(1.0, (step - warm) / max(1, total_steps - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: hold, then decay linearly over the last cooldown_frac of all steps
-    cooldown = int(round(cfg.cooldown_frac * total_steps))
+    cooldown = cooldown_steps(total_steps, cfg)
     start = total_steps - cooldown
     if cooldown == 0 or step < start:
         return ramp
